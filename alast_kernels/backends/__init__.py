@@ -1,0 +1,1 @@
+"""Backends implementing the op contracts of :mod:`alast_kernels.ops` (see :mod:`alast_kernels.backend`)."""

@@ -1,0 +1,215 @@
+"""The ALaST controller: per-step plans for every block from the blocks' recent importance.
+
+::
+
+    alast = ALaST(model, token_budget=0.6, train_layers=9)
+    for x, y in loader:
+        with alast.step():          # plans applied on entry, budgets updated on exit
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import policies
+from .block import BlockPlan, ViTBlock
+from .convert import convert
+
+__all__ = ["ALaST", "StepPlan"]
+
+POLICIES = ("alast", "paper", "fixed")
+_EMBEDDING_NAMES = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The plans of one step, one entry per block."""
+    step: int
+    keep_ratios: List[float]
+    train: List[bool]
+    grad_input: List[bool]
+    budgets: List[float]
+
+
+def _check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (0 < value <= 1):
+        raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class ALaST:
+    """Adaptive Layer Selection for a timm ``VisionTransformer`` (DESIGN.md §2).
+
+    Args:
+        model: a timm ``VisionTransformer`` with a class token. Its blocks are converted to
+            :class:`ViTBlock` in place if they are not already.
+        token_budget: mean keep ratio over the blocks, in (0, 1] (``"alast"`` policy).
+        train_layers: how many blocks train each step, in [1, L]; default ``ceil(0.75·L)``.
+        policy: ``"alast"`` (default), ``"paper"`` or ``"fixed"``.
+        alpha: budget update rate, in (0, 1].
+        min_keep: the lowest keep ratio a block gets, in (0, 1]; at most ``token_budget``.
+        sample: draw the trained blocks with probability ∝ budget instead of taking the highest
+            (``"paper"`` always samples).
+        seed: seed of the sampling generator.
+        train_embeddings: whether the patch/position embeddings and prefix tokens train. When they do
+            not (the default) they and every block below the lowest trained one run with no autograd
+            graph. The final norm and the head always train.
+        keep_ratios, train: the per-block keep ratios and trained flags of the ``"fixed"`` policy.
+    """
+
+    def __init__(self, model: nn.Module, token_budget: float = 0.6, train_layers: Optional[int] = None,
+                 policy: str = "alast", alpha: float = 0.1, min_keep: float = 0.2, sample: bool = False,
+                 seed: int = 0, train_embeddings: bool = False, keep_ratios: Optional[Sequence[float]] = None,
+                 train: Optional[Sequence[bool]] = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+        if getattr(model, "cls_token", None) is None:
+            raise ValueError("model: ALaST scores tokens by the class token's attention, and this model has no "
+                             "class token (cls_token is None)")
+        self.model = convert(model)
+        self.blocks: List[ViTBlock] = list(model.blocks)
+        L = len(self.blocks)
+        self.policy = policy
+        self.token_budget = _check_fraction("token_budget", token_budget)
+        self.alpha = _check_fraction("alpha", alpha)
+        self.min_keep = _check_fraction("min_keep", min_keep)
+        if policy == "alast" and self.min_keep > self.token_budget:
+            raise ValueError(f"min_keep: expected at most token_budget={token_budget}, got {min_keep}")
+        if train_layers is None:
+            train_layers = math.ceil(0.75 * L)
+        if isinstance(train_layers, bool) or not isinstance(train_layers, int) or not 1 <= train_layers <= L:
+            raise ValueError(f"train_layers: expected an int in [1, {L}] (the model has {L} blocks), "
+                             f"got {train_layers!r}")
+        self.train_layers = train_layers
+        self.sample = bool(sample) or policy == "paper"
+        self.seed = int(seed)
+        self.train_embeddings = bool(train_embeddings)
+        if policy == "fixed":
+            if keep_ratios is None or train is None:
+                raise ValueError("keep_ratios, train: the 'fixed' policy needs both, one entry per block")
+            if len(keep_ratios) != L:
+                raise ValueError(f"keep_ratios: expected {L} entries (one per block), got {len(keep_ratios)}")
+            if len(train) != L:
+                raise ValueError(f"train: expected {L} entries (one per block), got {len(train)}")
+            self.keep_ratios = [_check_fraction(f"keep_ratios[{i}]", r) for i, r in enumerate(keep_ratios)]
+            self.train_flags = [bool(t) for t in train]
+        elif keep_ratios is not None or train is not None:
+            raise ValueError(f"keep_ratios, train: only the 'fixed' policy takes them (policy={policy!r})")
+
+        self.budgets: List[float] = [1.0] * L
+        self.previous_deltas: Optional[List[float]] = None
+        self.step_count = 0
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.history: List[Dict] = []
+        self.overhead_seconds = 0.0  # time spent in the controller's own bookkeeping
+        self._pending: Optional[StepPlan] = None
+
+    # ---------------------------------------------------------------------------------------- plans
+    def plan(self) -> StepPlan:
+        """The plan of the next step (drawn once; ``step()`` applies it)."""
+        if self._pending is None:
+            self._pending = self._make_plan()
+        return self._pending
+
+    def _make_plan(self) -> StepPlan:
+        b = self.budgets
+        if self.policy == "fixed":
+            ratios, train = list(self.keep_ratios), list(self.train_flags)
+        else:
+            if self.policy == "alast":
+                ratios = policies.water_fill(b, self.token_budget, self.min_keep)
+            else:
+                ratios = [max(v, self.min_keep) for v in b]
+            if self.sample:
+                train = policies.sample_layers(b, self.train_layers, self.generator)
+            else:
+                train = policies.top_layers(b, self.train_layers)
+        grad_input = [self.train_embeddings or any(train[:l]) for l in range(len(train))]
+        return StepPlan(self.step_count, ratios, train, grad_input, list(b))
+
+    def _frozen_parameters(self, plan: StepPlan):
+        for blk, train in zip(self.blocks, plan.train):
+            if not train:
+                yield from blk.parameters()
+        if not self.train_embeddings:
+            for name in _EMBEDDING_NAMES:
+                part = getattr(self.model, name, None)
+                if isinstance(part, nn.Parameter):
+                    yield part
+                elif isinstance(part, nn.Module):
+                    yield from part.parameters()
+
+    # ----------------------------------------------------------------------------------------- step
+    @contextlib.contextmanager
+    def step(self):
+        """Apply this step's plans to the blocks; on a clean exit update the budgets from the blocks' Δ.
+
+        Parameters that do not train this step have their ``.grad`` set to ``None`` on entry, so the
+        optimizer leaves them alone. Yields the :class:`StepPlan`.
+        """
+        if not self.model.training:
+            raise RuntimeError("ALaST.step(): the model is in eval mode; call model.train() first")
+        start = time.perf_counter()
+        plan = self.plan()
+        for blk, ratio, train, grad_input in zip(self.blocks, plan.keep_ratios, plan.train, plan.grad_input):
+            blk.alast_plan = BlockPlan(ratio, train, grad_input)
+            blk.alast_importance = None
+        for p in self._frozen_parameters(plan):
+            p.grad = None
+        self.overhead_seconds += time.perf_counter() - start
+        try:
+            yield plan
+            start = time.perf_counter()
+            self._finish(plan)
+            self.overhead_seconds += time.perf_counter() - start
+        finally:
+            for blk in self.blocks:
+                blk.alast_plan = None
+
+    def _finish(self, plan: StepPlan) -> None:
+        missing = [i for i, blk in enumerate(self.blocks) if blk.alast_importance is None]
+        if missing:
+            raise RuntimeError(f"ALaST.step(): blocks {missing} ran no forward pass inside the step")
+        deltas = torch.stack([blk.alast_importance.to("cpu", torch.float64) for blk in self.blocks]).tolist()
+        self.history.append({
+            "step": plan.step, "keep_ratio": plan.keep_ratios, "keep": [blk.alast_keep for blk in self.blocks],
+            "train": plan.train, "budget": plan.budgets, "delta": deltas,
+        })
+        if self.policy == "alast":
+            self.budgets = policies.alast_update(self.budgets, deltas, self.alpha)
+        elif self.policy == "paper" and self.previous_deltas is not None:
+            self.budgets = policies.paper_update(self.budgets, deltas, self.previous_deltas, self.alpha)
+        self.previous_deltas = deltas
+        self.step_count += 1
+        self._pending = None
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict:
+        """Everything a resumed run needs to make the same plans as an uninterrupted one."""
+        return {
+            "policy": self.policy, "num_layers": len(self.blocks), "budgets": list(self.budgets),
+            "previous_deltas": None if self.previous_deltas is None else list(self.previous_deltas),
+            "step": self.step_count, "generator": self.generator.get_state(), "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("policy") != self.policy or state.get("num_layers") != len(self.blocks):
+            raise ValueError(f"state: saved for policy={state.get('policy')!r} with {state.get('num_layers')} "
+                             f"blocks, this controller has policy={self.policy!r} with {len(self.blocks)}")
+        self.budgets = [float(v) for v in state["budgets"]]
+        prev = state["previous_deltas"]
+        self.previous_deltas = None if prev is None else [float(v) for v in prev]
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state.get("history", []))
+        self._pending = None

@@ -1,0 +1,181 @@
+"""The ALaST ops: one contract, three backends (see DESIGN.md §3 and :mod:`alast_kernels.backend`).
+
+Every function here checks its arguments (the same checks for every backend), then runs the
+implementation the backend choice picks for the tensors' device. Shapes use ``B`` batch, ``N`` tokens,
+``P`` prefix tokens (class token first, then registers), ``K`` kept tokens, ``D`` channels, ``H`` heads,
+``Dh`` head dim.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from .. import backend as _backend
+from . import _checks
+
+__all__ = [
+    "select_tokens", "gather_tokens", "scatter_tokens", "gather_layer_norm", "attention", "cls_scores",
+    "masked_linear", "masked_mlp",
+]
+
+_GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch.Tensor:
+    """Indices of the prefix tokens and the ``keep`` highest-scoring other tokens of each row.
+
+    scores: ``(B, N)`` floating point. Returns int64 ``(B, num_prefix + keep)``: ``0..num_prefix-1``, then
+    the selected tokens, all in ascending index order; equal scores go to the lower index.
+    """
+    _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
+        raise ValueError(f"num_prefix: expected an int >= 0, got {num_prefix!r}")
+    available = scores.shape[1] - num_prefix
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= available:
+        raise ValueError(f"keep: expected an int in [1, {available}] (N={scores.shape[1]} tokens less "
+                         f"num_prefix={num_prefix}), got {keep!r}")
+    return _backend.implementation("select_tokens", scores.device)(scores, keep, num_prefix)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = True) -> torch.Tensor:
+    """``x[b, idx[b]]``: ``(B, N, D)`` and int64 ``(B, K)`` -> ``(B, K, D)``.
+
+    Backward scatter-adds into the gradient of ``x`` (repeated indices accumulate).
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    if check_indices:
+        _checks.indices("idx", idx, "x", x, unique=False)
+    return _backend.implementation("gather_tokens", x.device)(x, idx)
+
+
+def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, *,
+                   check_indices: bool = True) -> torch.Tensor:
+    """``x`` with ``delta[b, j]`` added at token ``idx[b, j]``; a new tensor, ``x`` is not modified.
+
+    x: ``(B, N, D)``; idx: int64 ``(B, K)``, unique within each row; delta: ``(B, K, D)``, dtype of ``x``.
+    Backward: ``grad_x = grad_out``, ``grad_delta = grad_out[b, idx[b]]``.
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("delta", delta, ndim=3, device=x.device)
+    _checks.same_dtype("delta", delta, "x", x)
+    if check_indices:
+        _checks.indices("idx", idx, "x", x, unique=True)
+    _checks.shape("delta", delta, (x.shape[0], idx.shape[1], x.shape[2]))
+    return _backend.implementation("scatter_tokens", x.device)(x, idx, delta)
+
+
+def gather_layer_norm(x: torch.Tensor, idx: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], eps: float = 1e-6, *,
+                      check_indices: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gathered tokens and their LayerNorm: ``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)``.
+
+    weight, bias: ``(D,)`` or ``None``. Backward adds both outputs' gradients into ``x``'s at ``idx``.
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _checks.tensor(name, p, ndim=1, device=x.device)
+            _checks.shape(name, p, (x.shape[2],))
+    if check_indices:
+        _checks.indices("idx", idx, "x", x, unique=False)
+    return _backend.implementation("gather_layer_norm", x.device)(x, idx, weight, bias, float(eps))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+              return_cls: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Softmax attention ``softmax(q kᵀ · scale) v`` per batch and head.
+
+    q: ``(B, H, Nq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device. ``scale`` defaults to
+    ``Dh ** -0.5``. With ``return_cls`` also returns float32 ``(B, Nk)``: the head mean of query 0's
+    probability row, without gradient.
+    """
+    _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        _checks.tensor(name, t, ndim=4, device=q.device)
+        _checks.same_dtype(name, t, "q", q)
+    B, H, Nq, Dh = q.shape
+    _checks.shape("k", k, (B, H, k.shape[2], Dh))
+    _checks.shape("v", v, (B, H, k.shape[2], Dh))
+    if Nq == 0 or k.shape[2] == 0:
+        raise ValueError(f"q, k: expected at least one token, got Nq={Nq}, Nk={k.shape[2]}")
+    if scale is None:
+        scale = Dh ** -0.5
+    return _backend.implementation("attention", q.device)(q, k, v, float(scale), bool(return_cls))
+
+
+def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+               qkv_weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, *,
+               eps: float = 1e-6, scale: Optional[float] = None, q_norm: Optional[Callable] = None,
+               k_norm: Optional[Callable] = None) -> torch.Tensor:
+    """The class token's head-averaged attention row for a whole block input (DESIGN.md §1, step 1).
+
+    x: ``(B, N, D)``; norm_weight/norm_bias: the block's ``norm1`` (LayerNorm) ``(D,)`` or ``None``;
+    qkv_weight: ``(3·D, D)``; qkv_bias: ``(3·D,)`` or ``None``. ``q_norm``/``k_norm`` are the
+    block's per-head query/key norms (callables on ``(..., Dh)``), ``None`` for none; with a ``k_norm``
+    the keys are projected, otherwise the scores come from one ``D``-vector per image and head
+    (DESIGN.md §4). Returns float32 ``(B, N)`` without gradient; each row sums to 1.
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    D = x.shape[2]
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or D % num_heads:
+        raise ValueError(f"num_heads: expected a positive int dividing D={D}, got {num_heads!r}")
+    _checks.tensor("qkv_weight", qkv_weight, ndim=2, device=x.device)
+    _checks.shape("qkv_weight", qkv_weight, (3 * D, D))
+    for name, p, n in (("norm_weight", norm_weight, D), ("norm_bias", norm_bias, D),
+                       ("qkv_bias", qkv_bias, 3 * D)):
+        if p is not None:
+            _checks.tensor(name, p, ndim=1, device=x.device)
+            _checks.shape(name, p, (n,))
+    if scale is None:
+        scale = (D // num_heads) ** -0.5
+    impl = _backend.implementation("cls_scores", x.device)
+    return impl(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, float(eps), float(scale),
+                q_norm, k_norm)
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  train: bool = True) -> torch.Tensor:
+    """``x @ weight.T + bias`` whose backward computes weight gradients only when ``train``.
+
+    x: ``(..., Din)``; weight: ``(Dout, Din)``; bias: ``(Dout,)`` or ``None``. With ``train=False`` the
+    parameters get no gradient and nothing is saved for backward but the weight.
+    """
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, ndim=2, device=x.device)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dim {weight.shape[1]} (weight is {tuple(weight.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, device=x.device)
+        _checks.shape("bias", bias, (weight.shape[0],))
+    return _backend.implementation("masked_linear", x.device)(x, weight, bias, bool(train))
+
+
+def masked_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+               fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], train: bool = True,
+               approximate: str = "none") -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` whose backward computes weight gradients only when ``train``.
+
+    x: ``(..., D)``; fc1_weight: ``(F, D)``; fc2_weight: ``(Dout, F)``; biases or ``None``.
+    ``approximate`` is GELU's (``"none"`` or ``"tanh"``). Frozen (``train=False``): parameters get no
+    gradient and only the fc1 output is saved. Trained: the GELU output is recomputed in backward
+    instead of being stored.
+    """
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("fc1_weight", fc1_weight, ndim=2, device=x.device)
+    _checks.tensor("fc2_weight", fc2_weight, ndim=2, device=x.device)
+    if x.dim() < 1 or x.shape[-1] != fc1_weight.shape[1]:
+        raise ValueError(f"x: expected last dim {fc1_weight.shape[1]} (fc1_weight is "
+                         f"{tuple(fc1_weight.shape)}), got shape {tuple(x.shape)}")
+    if fc2_weight.shape[1] != fc1_weight.shape[0]:
+        raise ValueError(f"fc2_weight: expected {fc1_weight.shape[0]} input features (fc1's outputs), "
+                         f"got shape {tuple(fc2_weight.shape)}")
+    for name, p, n in (("fc1_bias", fc1_bias, fc1_weight.shape[0]), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
+        if p is not None:
+            _checks.tensor(name, p, ndim=1, device=x.device)
+            _checks.shape(name, p, (n,))
+    if approximate not in _GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate: expected one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
+    impl = _backend.implementation("masked_mlp", x.device)
+    return impl(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(train), approximate)

@@ -1,0 +1,59 @@
+"""Argument checks shared by every backend: each failure names the argument and what was expected."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
+           device: Optional[torch.device] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}: expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    return t
+
+
+def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {t.dtype}")
+
+
+def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, unique: bool) -> None:
+    """``idx`` is an int64 ``(B, K)`` index into dim 1 of the ``(B, N, D)`` tensor ``x``.
+
+    Reads the indices on the host (one synchronisation on a GPU); callers that made the indices
+    themselves pass ``check_indices=False`` to the ops to skip this.
+    """
+    tensor(name, idx, ndim=2, dtypes=(torch.int64,), device=x.device)
+    if idx.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: expected batch size {x.shape[0]} like {x_name}, got {idx.shape[0]}")
+    if idx.shape[1] > x.shape[1]:
+        raise ValueError(f"{name}: expected at most {x.shape[1]} indices per row ({x_name} has "
+                         f"{x.shape[1]} tokens), got {idx.shape[1]}")
+    if idx.numel() == 0:
+        return
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= x.shape[1]:
+        raise IndexError(f"{name}: expected indices in [0, {x.shape[1]}) for {x_name} of shape "
+                         f"{tuple(x.shape)}, got values from {lo} to {hi}")
+    if unique and idx.shape[1] > 1:
+        ordered = idx.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError(f"{name}: expected indices unique within each row")
