@@ -102,7 +102,9 @@ def implementation(op: str, device: torch.device) -> Callable:
         else:
             candidates = ("reference",)
     else:
-        candidates = (choice, "reference") if choice != "reference" else ("reference",)
+        # A forced backend first; for an op it lacks, the next best that `auto` would use.
+        rest = AUTO_ORDER_CUDA.get(op, _DEFAULT_CUDA_ORDER) if device.type == "cuda" else ("reference",)
+        candidates = (choice,) + tuple(name for name in rest if name != choice)
 
     first_reason = None
     for name in candidates:

@@ -1,0 +1,62 @@
+"""Measuring a training step the way DESIGN.md §7 asks: FLOPs, activation memory, wall time."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, List
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_flops", "saved_activation_bytes", "peak_cuda_memory", "median_seconds"]
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating point operations of ``fn()`` as counted by ``torch.utils.flop_counter`` (matmuls and attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def saved_activation_bytes(fn: Callable[[], object], parameters: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs, each storage counted once.
+
+    Storages of ``parameters`` (weights saved by linear layers) are not activations and are not counted.
+    ``fn`` should run the forward pass only; the saved tensors are released when its result is dropped.
+    """
+    excluded = {p.untyped_storage().data_ptr() for p in parameters}
+    seen = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return int(sum(seen.values()))
+
+
+def peak_cuda_memory(fn: Callable[[], object], device=None) -> int:
+    """Rise of ``torch.cuda.max_memory_allocated`` over ``fn()``, in bytes."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def median_seconds(fns: List[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> List[float]:
+    """Median wall time of each callable, the variants interleaved round by round after ``warmup`` rounds."""
+    times = [[] for _ in fns]
+    for r in range(warmup + repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[i].append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
