@@ -15,6 +15,16 @@ from timm.models.vision_transformer import Block
 import _naive as naive
 from alast_kernels import BlockPlan, ViTBlock, backend, ops
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 B, N, D, H = 2, 14, 36, 3
 ATOL = 1e-5
 
