@@ -76,9 +76,11 @@ class ALaST:
         if getattr(model, "cls_token", None) is None:
             raise ValueError("model: ALaST scores tokens by the class token's attention, and this model has no "
                              "class token (cls_token is None)")
-        self.model = convert(model)
-        self.blocks: List[ViTBlock] = list(model.blocks)
-        L = len(self.blocks)
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+            raise TypeError(f"model: expected a timm VisionTransformer with a non-empty `blocks` Sequential, "
+                            f"got {type(model).__name__}")
+        L = len(blocks)
         self.policy = policy
         self.token_budget = _check_fraction("token_budget", token_budget)
         self.alpha = _check_fraction("alpha", alpha)
@@ -105,6 +107,9 @@ class ALaST:
             self.train_flags = [bool(t) for t in train]
         elif keep_ratios is not None or train is not None:
             raise ValueError(f"keep_ratios, train: only the 'fixed' policy takes them (policy={policy!r})")
+        # Converted only once every argument is known good: a rejected controller leaves the model alone.
+        self.model = convert(model)
+        self.blocks: List[ViTBlock] = list(model.blocks)
 
         self.budgets: List[float] = [1.0] * L
         self.previous_deltas: Optional[List[float]] = None
