@@ -450,6 +450,10 @@ BAD_CALLS = {
     "gln bias rank": (lambda: ops.gather_layer_norm(_x(), _idx(), None, torch.ones(1, D)), ValueError, "bias"),
     "gln weight device": (lambda: ops.gather_layer_norm(_x(), _idx(), torch.ones(D, device=META), None),
                           ValueError, "weight"),
+    "gln weight dtype": (lambda: ops.gather_layer_norm(_x(), _idx(), torch.ones(D).double(), None), TypeError,
+                         "weight"),
+    "gln bias dtype": (lambda: ops.gather_layer_norm(_x().half(), _idx(), None, torch.ones(D).bfloat16()),
+                       TypeError, "bias"),
     "gln idx too high": (lambda: ops.gather_layer_norm(_x(), torch.full((B, 2), N + 3), None, None), IndexError,
                          "idx"),
     "gln x dtype": (lambda: ops.gather_layer_norm(torch.ones(B, N, D, dtype=torch.int64), _idx(), None, None),
@@ -490,6 +494,9 @@ BAD_CALLS = {
     "linear weight device": (lambda: ops.masked_linear(_x(), torch.randn(5, D, device=META)), ValueError,
                              "weight"),
     "linear bias shape": (lambda: ops.masked_linear(_x(), torch.randn(5, D), torch.randn(4)), ValueError, "bias"),
+    "linear weight dtype": (lambda: ops.masked_linear(_x(), torch.randn(5, D).double()), TypeError, "weight"),
+    "linear bias dtype": (lambda: ops.masked_linear(_x(), torch.randn(5, D), torch.randn(5).half()), TypeError,
+                          "bias"),
     # masked_mlp
     "mlp x last dim": (lambda: ops.masked_mlp(_x(), torch.randn(7, D - 1), None, torch.randn(D, 7), None),
                        ValueError, "x"),
@@ -499,6 +506,10 @@ BAD_CALLS = {
                      ValueError, "fc1_bias"),
     "mlp fc2_bias device": (lambda: ops.masked_mlp(_x(), torch.randn(7, D), None, torch.randn(D, 7),
                                                    torch.randn(D, device=META)), ValueError, "fc2_bias"),
+    "mlp fc1_weight dtype": (lambda: ops.masked_mlp(_x(), torch.randn(7, D).bfloat16(), None, torch.randn(D, 7),
+                                                    None), TypeError, "fc1_weight"),
+    "mlp fc2_bias dtype": (lambda: ops.masked_mlp(_x(), torch.randn(7, D), None, torch.randn(D, 7),
+                                                  torch.randn(D).double()), TypeError, "fc2_bias"),
     "mlp approximate": (lambda: ops.masked_mlp(_x(), torch.randn(7, D), None, torch.randn(D, 7), None,
                                                approximate="erf"), ValueError, "approximate"),
 }
@@ -518,3 +529,22 @@ def test_gather_tokens_accepts_repeated_indices_but_scatter_does_not():
     assert torch.equal(ops.gather_tokens(x, idx).double(), naive.gather_tokens(x, idx))
     with pytest.raises(ValueError, match="idx"):
         ops.scatter_tokens(x, idx, torch.randn(B, 3, D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gather_layer_norm_accepts_float32_parameters_for_low_precision_x(dtype):
+    x, idx = rand(B, N, D, dtype=dtype), _idx()
+    w, b = rand(D, dtype=torch.float32), rand(D, dtype=torch.float32)
+    _, y = ops.gather_layer_norm(x, idx, w, b, 1e-5)
+    assert_close(y, naive.layer_norm(naive.gather_tokens(x, idx), w, b, 1e-5), dtype)
+
+
+def test_masked_ops_under_autocast_take_float32_parameters():
+    x = rand(B, N, D, dtype=torch.bfloat16)
+    w1, w2 = rand(46, D, dtype=torch.float32, scale=D ** -0.5), rand(D, 46, dtype=torch.float32, scale=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.masked_linear(x, w1, None, train=False)
+        z = ops.masked_mlp(x, w1, None, w2, None, train=False)
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert_close(y, naive.linear(x, w1.bfloat16(), None), torch.bfloat16)
+    assert_close(z, naive.mlp(x, w1.bfloat16(), None, w2.bfloat16(), None, "none"), torch.bfloat16)
