@@ -171,9 +171,11 @@ class ViTBlock(Block):
         else:
             x_kept, h = x, _layer_norm(norm1, x, train)
 
-        a = self.drop_path1(_run(self.ls1, train, self._attention(h, train)))
+        # Under autocast the branches come back in the autocast dtype while the residual stream keeps x's:
+        # cast each branch once, as timm's `x + a` promotes it, so its gradient is summed in x's dtype.
+        a = self.drop_path1(_run(self.ls1, train, self._attention(h, train))).to(x.dtype)
         y = x_kept + a
-        m = self.drop_path2(_run(self.ls2, train, self._mlp(_layer_norm(self.norm2, y, train), train)))
+        m = self.drop_path2(_run(self.ls2, train, self._mlp(_layer_norm(self.norm2, y, train), train))).to(x.dtype)
         if selecting:
             delta = a + m
             return ops.scatter_tokens(x, idx, delta, check_indices=False), delta[:, 0]
