@@ -226,6 +226,22 @@ def test_selection_with_dropout_matches_timm_under_the_same_random_state(config)
     assert_same(run(blk, blk, x, g, rng_seed=5), run(gathered_then_scattered(ref, idx), ref, x, g, rng_seed=5))
 
 
+@pytest.mark.parametrize("config", ["default", "qk_norm", "layer_scale"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_autocast_bfloat16_matches_timm(config, keep_ratio):
+    """Under CPU autocast the residual stream stays float32 and every op runs as in timm's Block."""
+    ref, blk = make_pair(config)
+    blk.alast_plan = BlockPlan(keep_ratio)
+    x, g = inputs()
+    keep = 13 if keep_ratio == 1.0 else 7
+    idx = naive.select_tokens(timm_scores(ref, x), keep, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(blk, blk, x, g)
+        want = run(gathered_then_scattered(ref, idx), ref, x, g)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert_same(got, want)
+
+
 def test_plan_is_ignored_in_eval_mode():
     ref, blk = make_pair("qkv_bias")
     ref.eval()

@@ -548,3 +548,15 @@ def test_masked_ops_under_autocast_take_float32_parameters():
     assert y.dtype == z.dtype == torch.bfloat16
     assert_close(y, naive.linear(x, w1.bfloat16(), None), torch.bfloat16)
     assert_close(z, naive.mlp(x, w1.bfloat16(), None, w2.bfloat16(), None, "none"), torch.bfloat16)
+
+
+def test_class_scores_stay_float32_under_autocast():
+    x, w = rand(B, N, D, dtype=torch.float32), rand(3 * D, D, dtype=torch.float32, scale=D ** -0.5)
+    q, k = rand(B, H, N, 10, dtype=torch.bfloat16), rand(B, H, N, 10, dtype=torch.bfloat16)
+    want_scores = ops.cls_scores(x, None, None, w, None, H)
+    want_row = ops.attention(q, k, k, return_cls=True)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = ops.cls_scores(x, None, None, w, None, H)
+        _, row = ops.attention(q, k, k, return_cls=True)
+    assert scores.dtype == row.dtype == torch.float32
+    assert torch.equal(scores, want_scores) and torch.equal(row, want_row)
