@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block
 
 import _naive as naive
 from alast_kernels import BlockPlan, ViTBlock, backend, ops
+from alast_kernels.measure import saved_activation_bytes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -293,6 +294,27 @@ def test_no_graph_plan(keep_ratio):
         want = gathered_then_scattered(ref, idx)(x)
     assert (out - want).abs().max().item() <= ATOL
     assert blk.alast_importance is not None and blk.alast_keep == keep
+
+
+def _saved_bytes(module, x, plan=None):
+    if isinstance(module, ViTBlock):
+        module.alast_plan = plan
+    x = x.clone().requires_grad_(True)
+    return saved_activation_bytes(lambda: module(x * 1), list(module.parameters()))
+
+
+@pytest.mark.parametrize("keep_ratio,keep", [(1.0, 13), (0.5, 7)])
+def test_frozen_plan_saves_less_for_backward(keep_ratio, keep):
+    """A frozen block drops the norm outputs that only qkv's and fc1's weight gradients need."""
+    ref, blk = make_pair("default")
+    x, _ = inputs()
+    trained = _saved_bytes(blk, x, BlockPlan(keep_ratio, train=True))
+    frozen = _saved_bytes(blk, x, BlockPlan(keep_ratio, train=False))
+    token_bytes = B * (keep + 1) * D * 4
+    assert frozen <= trained - 2 * token_bytes
+    assert _saved_bytes(blk, x, BlockPlan(keep_ratio, train=False, grad_input=False)) == 0
+    # Without a plan, a ViTBlock saves less than timm's Block: the GELU output is recomputed in backward.
+    assert _saved_bytes(blk, x) <= _saved_bytes(ref, x) - B * N * 4 * D * 4
 
 
 def test_keep_count_rounding():

@@ -357,6 +357,16 @@ def test_a_failed_step_changes_no_budget():
             pass  # no forward pass: nothing to update the budgets from
 
 
+@pytest.mark.parametrize("kwargs,prefix", [({"reg_tokens": 3}, 4), ({"no_embed_class": True}, 1)])
+def test_prefix_tokens_through_the_controller(kwargs, prefix):
+    model = tiny(**kwargs)
+    ctrl = ALaST(model, token_budget=0.4, min_keep=0.1)
+    train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.05), batches(2))
+    assert all(blk.num_prefix_tokens == prefix for blk in model.blocks)
+    for record in ctrl.history:
+        assert record["keep"] == [min(NP, math.ceil(r * NP - 1e-9)) for r in record["keep_ratio"]]
+
+
 def test_converts_the_model():
     model = tiny()
     ALaST(model)

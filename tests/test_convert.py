@@ -131,6 +131,19 @@ def test_hooks_kept_and_convert_idempotent():
     assert seen == ["ViTBlock", "Block"]
 
 
+def test_vit_block_as_timm_block_fn():
+    """timm builds a model of ViTBlocks itself; convert then only sets the prefix count."""
+    ref = tiny(reg_tokens=2, qkv_bias=True)
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=5,
+                              reg_tokens=2, qkv_bias=True, block_fn=ViTBlock)
+    model.load_state_dict(ref.state_dict())
+    assert convert(model) is model and all(blk.num_prefix_tokens == 3 for blk in model.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max().item() <= 1e-5
+
+
 def test_register_tokens_are_prefix_tokens_kept_by_every_plan():
     model = convert(tiny(reg_tokens=4))
     blk = model.blocks[0]
