@@ -40,6 +40,11 @@ class BlockPlan:
     train: bool = True
     grad_input: bool = True
 
+    def __post_init__(self):
+        r = self.keep_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+            raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
+
     def keep_count(self, num_patches: int) -> int:
         # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
         return min(num_patches, max(1, math.ceil(self.keep_ratio * num_patches - 1e-9)))
