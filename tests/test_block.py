@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from timm.layers import Attention
+from timm.layers import Attention, RmsNorm
 from timm.models.vision_transformer import Block
 
 import _naive as naive
@@ -39,6 +39,7 @@ CONFIGS = {
     "scale_norms": {"scale_attn_norm": True, "scale_mlp_norm": True},
     "gelu_tanh": {"act_layer": functools.partial(nn.GELU, approximate="tanh")},
     "relu": {"act_layer": nn.ReLU},
+    "no_affine_norm": {"norm_layer": functools.partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)},
 }
 DROPOUT_CONFIGS = {
     "proj_drop": {"proj_drop": 0.3},
@@ -185,7 +186,7 @@ def test_full_plan_matches_timm(config):
 
 # ------------------------------------------------------------------------------- token selection
 SELECT_CONFIGS = ["default", "qk_norm", "layer_scale", "no_proj_bias", "mlp_ratio", "gelu_tanh", "relu",
-                  "scale_norms"]
+                  "scale_norms", "no_affine_norm"]
 
 
 @pytest.mark.parametrize("config", SELECT_CONFIGS)
@@ -322,6 +323,28 @@ def test_keep_count_rounding():
     assert BlockPlan(0.6).keep_count(196) == 118  # ceil(117.6)
     assert BlockPlan(0.01).keep_count(13) == 1
     assert BlockPlan(1.0).keep_count(13) == 13
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), True, "0.5"])
+def test_block_plan_rejects_bad_keep_ratio(bad):
+    with pytest.raises(ValueError, match="keep_ratio"):
+        BlockPlan(keep_ratio=bad)
+
+
+def test_other_norm_layer_runs_like_timm_but_cannot_select():
+    torch.manual_seed(0)
+    ref = Block(D, H, norm_layer=RmsNorm)
+    blk = ViTBlock(D, H, norm_layer=RmsNorm)
+    blk.load_state_dict(ref.state_dict())
+    x, g = inputs()
+    assert_same(run(blk, blk, x, g), run(ref, ref, x, g))
+    blk.alast_plan = BlockPlan(1.0, train=False)
+    out, gx, gp = run(blk, blk, x, g)
+    assert all(v is None for v in gp.values())
+    assert (out - ref(x)).abs().max().item() <= ATOL
+    blk.alast_plan = BlockPlan(0.5)
+    with pytest.raises(NotImplementedError, match="norm_layer"):
+        blk(x)
 
 
 def test_bad_inputs():
