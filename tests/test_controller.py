@@ -238,11 +238,16 @@ def test_frozen_parameters_get_no_grad_and_do_not_move():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     # A first step trains everything, so AdamW holds moments for every parameter ...
     warm = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[True] * L, train_embeddings=True)
-    train(model, warm, opt, batches(1))
+    (x, y), = batches(1, seed=4)
+    with warm.step():
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
     assert all(p in opt.state for p in model.parameters())
-    # ... then blocks 0 and 2 and the embeddings freeze; zero_grad(set_to_none=False) leaves zeros behind.
-    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, True, False, True])
+    # ... then blocks 0 and 2 and the embeddings freeze; zero_grad(set_to_none=False) leaves zeros behind,
+    # which the step must clear (a zero gradient would still apply AdamW's momentum and weight decay).
     opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None for p in model.parameters())
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, True, False, True])
     frozen = embedding_parameters(model) + list(model.blocks[0].parameters()) + list(model.blocks[2].parameters())
     trained = list(model.blocks[1].parameters()) + list(model.blocks[3].parameters()) + \
         list(model.norm.parameters()) + list(model.head.parameters())
