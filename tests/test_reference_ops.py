@@ -12,6 +12,7 @@ from timm.layers import Mlp
 
 import _naive as naive
 from alast_kernels import backend, ops
+from conftest import requires_gpu
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -560,3 +561,26 @@ def test_class_scores_stay_float32_under_autocast():
         _, row = ops.attention(q, k, k, return_cls=True)
     assert scores.dtype == row.dtype == torch.float32
     assert torch.equal(scores, want_scores) and torch.equal(row, want_row)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_runs_on_cuda(dtype):
+    """The reference is pure PyTorch: the same contracts hold for CUDA tensors."""
+    dev = torch.device("cuda")
+    x, w, b = rand(B, N, D, dtype=dtype), rand(3 * D, D, dtype=dtype, scale=D ** -0.5), rand(3 * D, dtype=dtype)
+    idx = random_indices(B, N, 6)
+    q, k, v = (rand(B, H, N, 10, dtype=dtype) for _ in range(3))
+    scores = ops.cls_scores(x.to(dev), None, None, w.to(dev), b.to(dev), H)
+    assert_close(scores.cpu(), naive.cls_scores(x, None, None, w, b, H, 1e-6, 10 ** -0.5), torch.float32)
+    chosen = ops.select_tokens(scores, 5, 1)
+    assert torch.equal(chosen.cpu(), naive.select_tokens(scores.cpu().double(), 5, 1))
+    assert torch.equal(ops.gather_tokens(x.to(dev), idx.to(dev)).cpu().double(), naive.gather_tokens(x, idx))
+    delta = rand(B, 6, D, dtype=dtype)
+    assert_close(ops.scatter_tokens(x.to(dev), idx.to(dev), delta.to(dev)).cpu(),
+                 naive.scatter_tokens(x, idx, delta), dtype)
+    out, cls = ops.attention(q.to(dev), k.to(dev), v.to(dev), return_cls=True)
+    ref_out, ref_cls = naive.attention(q, k, v, 10 ** -0.5)
+    assert_close(out.cpu(), ref_out, dtype)
+    assert_close(cls.cpu(), ref_cls, torch.float32)
+    assert_close(ops.masked_linear(x.to(dev), w.to(dev), b.to(dev), False).cpu(), naive.linear(x, w, b), dtype)
