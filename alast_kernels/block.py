@@ -40,6 +40,11 @@ class BlockPlan:
     train: bool = True
     grad_input: bool = True
 
+    def __post_init__(self):
+        r = self.keep_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+            raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
+
     def keep_count(self, num_patches: int) -> int:
         # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
         return min(num_patches, max(1, math.ceil(self.keep_ratio * num_patches - 1e-9)))
@@ -171,9 +176,11 @@ class ViTBlock(Block):
         else:
             x_kept, h = x, _layer_norm(norm1, x, train)
 
-        a = self.drop_path1(_run(self.ls1, train, self._attention(h, train)))
+        # Under autocast the branches come back in the autocast dtype while the residual stream keeps x's:
+        # cast each branch once, as timm's `x + a` promotes it, so its gradient is summed in x's dtype.
+        a = self.drop_path1(_run(self.ls1, train, self._attention(h, train))).to(x.dtype)
         y = x_kept + a
-        m = self.drop_path2(_run(self.ls2, train, self._mlp(_layer_norm(self.norm2, y, train), train)))
+        m = self.drop_path2(_run(self.ls2, train, self._mlp(_layer_norm(self.norm2, y, train), train))).to(x.dtype)
         if selecting:
             delta = a + m
             return ops.scatter_tokens(x, idx, delta, check_indices=False), delta[:, 0]

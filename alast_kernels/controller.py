@@ -76,9 +76,11 @@ class ALaST:
         if getattr(model, "cls_token", None) is None:
             raise ValueError("model: ALaST scores tokens by the class token's attention, and this model has no "
                              "class token (cls_token is None)")
-        self.model = convert(model)
-        self.blocks: List[ViTBlock] = list(model.blocks)
-        L = len(self.blocks)
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+            raise TypeError(f"model: expected a timm VisionTransformer with a non-empty `blocks` Sequential, "
+                            f"got {type(model).__name__}")
+        L = len(blocks)
         self.policy = policy
         self.token_budget = _check_fraction("token_budget", token_budget)
         self.alpha = _check_fraction("alpha", alpha)
@@ -105,6 +107,9 @@ class ALaST:
             self.train_flags = [bool(t) for t in train]
         elif keep_ratios is not None or train is not None:
             raise ValueError(f"keep_ratios, train: only the 'fixed' policy takes them (policy={policy!r})")
+        # Converted only once every argument is known good: a rejected controller leaves the model alone.
+        self.model = convert(model)
+        self.blocks: List[ViTBlock] = list(model.blocks)
 
         self.budgets: List[float] = [1.0] * L
         self.previous_deltas: Optional[List[float]] = None
@@ -137,10 +142,7 @@ class ALaST:
         grad_input = [self.train_embeddings or any(train[:l]) for l in range(len(train))]
         return StepPlan(self.step_count, ratios, train, grad_input, list(b))
 
-    def _frozen_parameters(self, plan: StepPlan):
-        for blk, train in zip(self.blocks, plan.train):
-            if not train:
-                yield from blk.parameters()
+    def _frozen_embeddings(self):
         if not self.train_embeddings:
             for name in _EMBEDDING_NAMES:
                 part = getattr(self.model, name, None)
@@ -149,13 +151,20 @@ class ALaST:
                 elif isinstance(part, nn.Module):
                     yield from part.parameters()
 
+    def _frozen_parameters(self, plan: StepPlan):
+        for blk, train in zip(self.blocks, plan.train):
+            if not train:
+                yield from blk.parameters()
+        yield from self._frozen_embeddings()
+
     # ----------------------------------------------------------------------------------------- step
     @contextlib.contextmanager
     def step(self):
         """Apply this step's plans to the blocks; on a clean exit update the budgets from the blocks' Δ.
 
         Parameters that do not train this step have their ``.grad`` set to ``None`` on entry, so the
-        optimizer leaves them alone. Yields the :class:`StepPlan`.
+        optimizer leaves them alone. Frozen embeddings have ``requires_grad`` off inside the step, so they
+        build no autograd graph; it is restored on exit. Yields the :class:`StepPlan`.
         """
         if not self.model.training:
             raise RuntimeError("ALaST.step(): the model is in eval mode; call model.train() first")
@@ -166,6 +175,10 @@ class ALaST:
             blk.alast_importance = None
         for p in self._frozen_parameters(plan):
             p.grad = None
+        # Nothing below the embeddings needs their gradient: without requires_grad they record no graph.
+        embeddings = [(p, p.requires_grad) for p in self._frozen_embeddings()]
+        for p, _ in embeddings:
+            p.requires_grad_(False)
         self.overhead_seconds += time.perf_counter() - start
         try:
             yield plan
@@ -175,6 +188,8 @@ class ALaST:
         finally:
             for blk in self.blocks:
                 blk.alast_plan = None
+            for p, requires_grad in embeddings:
+                p.requires_grad_(requires_grad)
 
     def _finish(self, plan: StepPlan) -> None:
         missing = [i for i, blk in enumerate(self.blocks) if blk.alast_importance is None]

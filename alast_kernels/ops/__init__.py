@@ -77,6 +77,7 @@ def gather_layer_norm(x: torch.Tensor, idx: torch.Tensor, weight: Optional[torch
         if p is not None:
             _checks.tensor(name, p, ndim=1, device=x.device)
             _checks.shape(name, p, (x.shape[2],))
+            _checks.param_dtype(name, p, "x", x, float32_ok=True)
     if check_indices:
         _checks.indices("idx", idx, "x", x, unique=False)
     return _backend.implementation("gather_layer_norm", x.device)(x, idx, weight, bias, float(eps))
@@ -146,9 +147,11 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dim {weight.shape[1]} (weight is {tuple(weight.shape)}), "
                          f"got shape {tuple(x.shape)}")
+    _checks.param_dtype("weight", weight, "x", x)
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1, device=x.device)
         _checks.shape("bias", bias, (weight.shape[0],))
+        _checks.param_dtype("bias", bias, "x", x)
     return _backend.implementation("masked_linear", x.device)(x, weight, bias, bool(train))
 
 
@@ -175,6 +178,10 @@ def masked_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[tor
         if p is not None:
             _checks.tensor(name, p, ndim=1, device=x.device)
             _checks.shape(name, p, (n,))
+    for name, p in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight),
+                    ("fc2_bias", fc2_bias)):
+        if p is not None:
+            _checks.param_dtype(name, p, "x", x)
     if approximate not in _GELU_APPROXIMATIONS:
         raise ValueError(f"approximate: expected one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
     impl = _backend.implementation("masked_mlp", x.device)

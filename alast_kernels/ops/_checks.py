@@ -29,6 +29,17 @@ def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise TypeError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {t.dtype}")
 
 
+def param_dtype(name: str, p: torch.Tensor, x_name: str, x: torch.Tensor, *, float32_ok: bool = False) -> None:
+    """A parameter has the dtype of the activation ``x`` (float32 also allowed for a float16/bfloat16 ``x``
+    when ``float32_ok``). Skipped under autocast for ``x``'s device, which casts both to one dtype."""
+    if torch.is_autocast_enabled(x.device.type) or p.dtype == x.dtype:
+        return
+    if float32_ok and p.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+        return
+    extra = " (or float32)" if float32_ok and x.dtype in (torch.float16, torch.bfloat16) else ""
+    raise TypeError(f"{name}: expected dtype {x.dtype}{extra} like {x_name}, got {p.dtype}")
+
+
 def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")

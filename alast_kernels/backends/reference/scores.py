@@ -12,7 +12,8 @@ def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, 
     B, N, D = x.shape
     H, Dh = num_heads, D // num_heads
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
+    # Autocast off: the scores are computed in `cdt` whatever the surrounding precision.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         cast = (lambda t: None if t is None else t.detach().to(cdt))
         h = F.layer_norm(x.detach().to(cdt), (D,), cast(norm_weight), cast(norm_bias), eps)
         w = qkv_weight.detach().to(cdt)

@@ -1,0 +1,100 @@
+"""Naive float64 re-derivations of the ALaST ops, written from DESIGN.md with explicit loops and maths.
+
+They avoid the torch functions the reference backend uses (no ``gather``/``scatter_add``,
+``F.layer_norm``, ``scaled_dot_product_attention``, ``F.gelu``, ``F.linear``, ``torch.sort``), so a test
+comparing the two checks the contract, not one implementation against itself.
+"""
+import math
+
+import torch
+
+
+def f64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def select_tokens(scores, keep, num_prefix):
+    """Prefix ``0..P-1``, then the ``keep`` best other tokens (ties to the lower index), ascending."""
+    rows = []
+    for row in scores.tolist():
+        others = sorted(range(num_prefix, len(row)), key=lambda n: (-row[n], n))
+        rows.append(list(range(num_prefix)) + sorted(others[:keep]))
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), num_prefix + keep)
+
+
+def gather_tokens(x, idx):
+    x = f64(x)
+    B, K = idx.shape
+    out = torch.empty(B, K, x.shape[2], dtype=torch.float64)
+    for b in range(B):
+        for j in range(K):
+            out[b, j] = x[b, int(idx[b, j])]
+    return out
+
+
+def scatter_tokens(x, idx, delta):
+    out = f64(x).clone()
+    delta = f64(delta)
+    for b in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            out[b, int(idx[b, j])] += delta[b, j]
+    return out
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim with the biased variance."""
+    x = f64(x)
+    mean = x.sum(-1, keepdim=True) / x.shape[-1]
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / x.shape[-1]
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * f64(weight)
+    if bias is not None:
+        y = y + f64(bias)
+    return y
+
+
+def linear(x, weight, bias):
+    """``x @ weightᵀ + bias`` as an explicit sum over input features."""
+    y = (f64(x).unsqueeze(-2) * f64(weight)).sum(-1)
+    return y if bias is None else y + f64(bias)
+
+
+def softmax(logits):
+    e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def attention(q, k, v, scale):
+    """Returns (out, cls_row): the attention output and the head mean of query 0's probabilities."""
+    q, k, v = f64(q), f64(k), f64(v)
+    logits = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * scale  # (B, H, Nq, Nk)
+    p = softmax(logits)
+    out = (p.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+    return out, p[:, :, 0].mean(dim=1)
+
+
+def gelu(x, approximate):
+    x = f64(x)
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def mlp(x, w1, b1, w2, b2, approximate):
+    return linear(gelu(linear(x, w1, b1), approximate), w2, b2)
+
+
+def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm=None, k_norm=None):
+    """Project every key explicitly: ``mean_h softmax_n(q_cls · k_n · scale)``."""
+    B, N, D = x.shape
+    Dh = D // num_heads
+    qkv = linear(layer_norm(x, norm_weight, norm_bias, eps), qkv_weight, qkv_bias)  # (B, N, 3D)
+    q = qkv[..., :D].reshape(B, N, num_heads, Dh).transpose(1, 2)
+    k = qkv[..., D:2 * D].reshape(B, N, num_heads, Dh).transpose(1, 2)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    logits = (q[:, :, :1] * k).sum(-1) * scale  # (B, H, N)
+    return softmax(logits).mean(dim=1)

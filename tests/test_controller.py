@@ -1,0 +1,421 @@
+"""The ALaST controller and its budget policies (DESIGN.md §2) on a tiny timm ViT (4 blocks, 16 patches)."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from alast_kernels import ALaST, ViTBlock, backend, policies, restore
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    old = backend._selected
+    backend.set_backend("reference")
+    yield
+    backend._selected = old
+
+
+L, NP = 4, 16
+EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed")
+
+
+def tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=L, num_heads=3, num_classes=5,
+                             **kwargs)
+
+
+def batches(count, batch=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 5, (batch,), generator=g))
+            for _ in range(count)]
+
+
+def train(model, ctrl, opt, data):
+    """One ALaST step per batch; returns the plans and the losses."""
+    plans, losses = [], []
+    for x, y in data:
+        with ctrl.step() as plan:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        plans.append(plan)
+        losses.append(loss.item())
+    return plans, losses
+
+
+def embedding_parameters(model):
+    return [p for name, p in model.named_parameters() if name.split(".")[0] in EMBEDDINGS]
+
+
+# ------------------------------------------------------------------------------------ policies
+@pytest.mark.parametrize("token_budget,min_keep", [(0.6, 0.2), (0.3, 0.1), (0.9, 0.5), (0.25, 0.25)])
+def test_water_fill_holds_the_mean_within_bounds(token_budget, min_keep):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        budgets = (torch.rand(12, generator=g, dtype=torch.float64) * 3).tolist()
+        r = policies.water_fill(budgets, token_budget, min_keep)
+        assert abs(sum(r) / len(r) - token_budget) <= 1e-9
+        assert all(min_keep <= v <= 1.0 for v in r)
+        # Higher budget, higher (or equal) ratio; unclamped ratios are one scale times the budget.
+        order = sorted(range(12), key=lambda i: budgets[i])
+        assert all(r[a] <= r[b] + 1e-12 for a, b in zip(order, order[1:]))
+        inside = [i for i in range(12) if min_keep + 1e-9 < r[i] < 1 - 1e-9]
+        scales = [r[i] / budgets[i] for i in inside]
+        assert max(scales, default=0) - min(scales, default=0) <= 1e-9 * max(scales, default=1)
+
+
+def test_water_fill_clamps():
+    # By hand: layer 0 saturates at 1, layer 4 sits at min_keep, the other three share the rest equally.
+    r = policies.water_fill([10.0, 1.0, 1.0, 1.0, 0.01], 0.5, 0.2)
+    expected = [1.0, 1.3 / 3, 1.3 / 3, 1.3 / 3, 0.2]
+    assert all(abs(a - b) <= 1e-9 for a, b in zip(r, expected)), r
+    assert policies.water_fill([0.3, 2.0, 1.0], 1.0, 0.2) == [1.0, 1.0, 1.0]
+    assert all(abs(v - 0.2) <= 1e-12 for v in policies.water_fill([0.3, 2.0, 1.0], 0.2, 0.2))
+    assert all(abs(v - 0.6) <= 1e-12 for v in policies.water_fill([1.0] * 5, 0.6, 0.2))
+    # Zero budgets get min_keep; the others share the rest.
+    r = policies.water_fill([0.0, 0.0, 1.0, 1.0], 0.6, 0.2)
+    assert all(abs(a - b) <= 1e-9 for a, b in zip(r, [0.2, 0.2, 1.0, 1.0])), r
+
+
+def test_alast_update():
+    b, deltas, alpha = [1.0, 0.5, 1.5, 1.0], [0.2, 0.0, 0.6, 0.2], 0.25
+    total = sum(deltas)
+    expected = [(1 - alpha) * bl + alpha * 4 * dl / total for bl, dl in zip(b, deltas)]
+    got = policies.alast_update(b, deltas, alpha)
+    assert all(abs(a - e) <= 1e-12 for a, e in zip(got, expected))
+    assert abs(sum(got) - 4) <= 1e-12  # budgets that sum to L keep summing to L
+    # No block moved the class token: importance is uniform.
+    assert policies.alast_update(b, [0.0] * 4, alpha) == [(1 - alpha) * v + alpha for v in b]
+
+
+def test_paper_update_clamps():
+    got = policies.paper_update([0.5, 0.9, 0.1, 0.5], [3.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.2], 0.5)
+    assert got == [1.0, 1.0, 0.0, pytest.approx(0.4)]
+
+
+def test_top_layers():
+    assert policies.top_layers([0.2, 0.9, 0.5, 0.7], 2) == [False, True, False, True]
+    assert policies.top_layers([1.0, 1.0, 1.0, 1.0], 3) == [False, True, True, True]  # ties: deeper wins
+    assert policies.top_layers([0.3, 0.1, 0.2], 3) == [True, True, True]
+
+
+def test_sample_layers_seeded_and_proportional():
+    budgets = [0.1, 0.2, 0.3, 0.4]
+    draws = [policies.sample_layers(budgets, 2, torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert draws[0] == draws[1] and sum(draws[0]) == 2
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    counts = [0] * 4
+    for _ in range(n):
+        picked = policies.sample_layers(budgets, 1, g)
+        assert sum(picked) == 1
+        counts[picked.index(True)] += 1
+    # One draw: P(l) = b_l / Σb exactly; 4000 draws put each frequency within ~4 standard errors.
+    for c, b in zip(counts, budgets):
+        assert abs(c / n - b) <= 4 * math.sqrt(b * (1 - b) / n), counts
+    # Without replacement, inclusion still grows with the budget; a zero budget is (almost) never drawn.
+    g = torch.Generator().manual_seed(1)
+    inclusion = [0] * 4
+    for _ in range(2000):
+        for i, t in enumerate(policies.sample_layers([0.0, 0.2, 0.5, 1.0], 2, g)):
+            inclusion[i] += t
+    assert inclusion[0] == 0 and inclusion[1] < inclusion[2] < inclusion[3]
+
+
+# --------------------------------------------------------------------------- policies via controller
+def test_alast_policy_through_the_controller():
+    model = tiny()
+    ctrl = ALaST(model, token_budget=0.5, train_layers=2, alpha=0.3, min_keep=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    budgets = [1.0] * L
+    plans, _ = train(model, ctrl, opt, batches(4))
+    for step, plan in enumerate(plans):
+        record = ctrl.history[step]
+        assert plan.step == step
+        assert all(abs(a - b) <= 1e-12 for a, b in zip(plan.budgets, budgets))
+        assert abs(sum(plan.keep_ratios) / L - 0.5) <= 1e-9
+        assert all(0.2 <= r <= 1.0 for r in plan.keep_ratios)
+        assert record["keep"] == [min(NP, math.ceil(r * NP - 1e-9)) for r in plan.keep_ratios]
+        top = sorted(range(L), key=lambda l: (budgets[l], l))[-2:]
+        assert plan.train == [l in top for l in range(L)]
+        assert plan.grad_input == [any(plan.train[:l]) for l in range(L)]
+        deltas = record["delta"]
+        assert all(d > 0 for d in deltas)
+        budgets = [(1 - 0.3) * b + 0.3 * L * d / sum(deltas) for b, d in zip(budgets, deltas)]
+    assert all(abs(a - b) <= 1e-12 for a, b in zip(ctrl.budgets, budgets))
+    assert len(set(round(b, 9) for b in budgets)) > 1  # the budgets did adapt
+    assert ctrl.step_count == 4 and len(ctrl.history) == 4
+
+
+def test_paper_policy_through_the_controller():
+    model = tiny()
+    ctrl = ALaST(model, policy="paper", alpha=0.5, min_keep=0.3, train_layers=2, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    plans, _ = train(model, ctrl, opt, batches(3))
+    budgets, previous = [1.0] * L, None
+    for step, plan in enumerate(plans):
+        assert plan.budgets == pytest.approx(budgets, abs=1e-12)
+        assert plan.keep_ratios == pytest.approx([max(b, 0.3) for b in budgets], abs=1e-12)
+        assert sum(plan.train) == 2
+        deltas = ctrl.history[step]["delta"]
+        if previous is not None:
+            budgets = [min(1.0, max(0.0, b + 0.5 * (d - p))) for b, d, p in zip(budgets, deltas, previous)]
+        previous = deltas
+    assert ctrl.budgets == pytest.approx(budgets, abs=1e-12)
+
+
+def run_sampled(seed, steps=5, model_seed=0):
+    model = tiny(model_seed)
+    ctrl = ALaST(model, token_budget=0.6, train_layers=2, sample=True, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    plans, _ = train(model, ctrl, opt, batches(steps))
+    return plans
+
+
+def test_seeded_sampling_is_reproducible():
+    first, second = run_sampled(11), run_sampled(11)
+    assert first == second
+    assert all(sum(p.train) == 2 for p in first)
+    other = run_sampled(12)
+    assert [p.train for p in other] != [p.train for p in first]
+
+
+@pytest.mark.parametrize("policy", ["alast", "paper"])
+def test_resume_through_state_dict_makes_the_same_plans(policy):
+    kwargs = dict(policy=policy, token_budget=0.5, train_layers=2, sample=True, seed=4, alpha=0.4)
+    data = batches(6)
+
+    model = tiny()
+    ctrl = ALaST(model, **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    uninterrupted, _ = train(model, ctrl, opt, data)
+
+    model = tiny()
+    ctrl = ALaST(model, **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    first_half, _ = train(model, ctrl, opt, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "alast": ctrl.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+
+    model = tiny(seed=99)  # other weights and another generator state until loaded
+    model.load_state_dict(saved["model"])
+    ctrl = ALaST(model, **kwargs)
+    ctrl.load_state_dict(saved["alast"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    opt.load_state_dict(saved["opt"])
+    second_half, _ = train(model, ctrl, opt, data[3:])
+    assert first_half + second_half == uninterrupted
+    assert len(ctrl.history) == 6
+
+
+def test_load_state_dict_of_another_policy_raises():
+    ctrl = ALaST(tiny(), policy="alast")
+    other = ALaST(tiny(), policy="paper").state_dict()
+    with pytest.raises(ValueError, match="state"):
+        ctrl.load_state_dict(other)
+
+
+# ---------------------------------------------------------------------------------- freezing
+def test_frozen_parameters_get_no_grad_and_do_not_move():
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # A first step trains everything, so AdamW holds moments for every parameter ...
+    warm = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[True] * L, train_embeddings=True)
+    (x, y), = batches(1, seed=4)
+    with warm.step():
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(p in opt.state for p in model.parameters())
+    # ... then blocks 0 and 2 and the embeddings freeze; zero_grad(set_to_none=False) leaves zeros behind,
+    # which the step must clear (a zero gradient would still apply AdamW's momentum and weight decay).
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None for p in model.parameters())
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, True, False, True])
+    frozen = embedding_parameters(model) + list(model.blocks[0].parameters()) + list(model.blocks[2].parameters())
+    trained = list(model.blocks[1].parameters()) + list(model.blocks[3].parameters()) + \
+        list(model.norm.parameters()) + list(model.head.parameters())
+    before = {p: p.detach().clone() for p in model.parameters()}
+    (x, y), = batches(1, seed=5)
+    with ctrl.step():
+        F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in frozen)
+    assert all(p.grad is not None for p in trained)
+    opt.step()
+    assert all(torch.equal(p, before[p]) for p in frozen)
+    assert all(not torch.equal(p, before[p]) for p in trained)
+
+
+def _graph_probe(model):
+    """Forward hooks recording whether the embeddings' and every block's input/output carry a graph."""
+    seen = {}
+
+    def hook(name):
+        def record(module, args, out):
+            seen[name] = (args[0].grad_fn is not None, out.grad_fn is not None)
+        return record
+    model.patch_embed.register_forward_hook(hook("patch_embed"))
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_hook(hook(i))
+    return seen
+
+
+def test_blocks_below_the_lowest_trained_one_and_frozen_embeddings_run_without_graph():
+    model = tiny()
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, False, True, False])
+    model.pos_embed.requires_grad_(False)  # the user's own choice, kept
+    seen = _graph_probe(model)
+    (x, y), = batches(1)
+    with ctrl.step():
+        F.cross_entropy(model(x), y).backward()
+    assert seen["patch_embed"] == (False, False)
+    assert seen[0] == (False, False) and seen[1] == (False, False)
+    assert seen[2] == (False, True) and seen[3] == (True, True)
+    assert all(p.grad is None for p in embedding_parameters(model))
+    assert all(p.grad is None for i in (0, 1, 3) for p in model.blocks[i].parameters())
+    assert all(p.grad is not None for p in model.blocks[2].parameters())
+    # The step leaves the parameters as the user had them.
+    assert all(p.requires_grad == (p is not model.pos_embed) for p in model.parameters())
+
+
+def test_trained_embeddings_keep_the_graph_through_frozen_blocks():
+    model = tiny()
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, False, True, True],
+                 train_embeddings=True)
+    seen = _graph_probe(model)
+    (x, y), = batches(1)
+    with ctrl.step():
+        F.cross_entropy(model(x), y).backward()
+    assert seen["patch_embed"][1] and seen[0] == (True, True) and seen[1] == (True, True)
+    assert all(p.grad is not None for p in embedding_parameters(model))
+    assert all(p.grad is None for i in (0, 1) for p in model.blocks[i].parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fixed_full_plan_equals_full_fine_tuning(optimizer):
+    def make_opt(model):
+        if optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    ref = tiny(qkv_bias=True)
+    model = copy.deepcopy(ref)
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[1.0] * L, train=[True] * L, train_embeddings=True)
+    opt_ref, opt = make_opt(ref), make_opt(model)
+    for x, y in batches(3):
+        loss_ref = F.cross_entropy(ref(x), y)
+        loss_ref.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        with ctrl.step():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert abs(loss.item() - loss_ref.item()) <= 1e-5
+        for (name, p_ref), (_, p) in zip(ref.named_parameters(), model.named_parameters()):
+            assert (p - p_ref).abs().max().item() <= 1e-5, name
+
+
+def test_eval_uses_every_token_and_layer():
+    model = tiny()
+    ctrl = ALaST(model, token_budget=0.3, min_keep=0.1, train_layers=1)
+    train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.05), batches(2))
+    assert all(blk.alast_plan is None for blk in model.blocks)  # plans live inside a step only
+    unconverted = restore(copy.deepcopy(model)).eval()
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - unconverted(x)).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match="eval"):
+        with ctrl.step():
+            pass
+
+
+def test_a_failed_step_changes_no_budget():
+    model = tiny()
+    ctrl = ALaST(model, token_budget=0.5)
+    with pytest.raises(ZeroDivisionError):
+        with ctrl.step():
+            model(torch.randn(2, 3, 32, 32)).sum().backward()
+            1 / 0
+    assert ctrl.budgets == [1.0] * L and ctrl.step_count == 0 and ctrl.history == []
+    assert all(blk.alast_plan is None for blk in model.blocks)
+    with pytest.raises(RuntimeError, match="forward"):
+        with ctrl.step():
+            pass  # no forward pass: nothing to update the budgets from
+
+
+@pytest.mark.parametrize("kwargs,prefix", [({"reg_tokens": 3}, 4), ({"no_embed_class": True}, 1)])
+def test_prefix_tokens_through_the_controller(kwargs, prefix):
+    model = tiny(**kwargs)
+    ctrl = ALaST(model, token_budget=0.4, min_keep=0.1)
+    train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.05), batches(2))
+    assert all(blk.num_prefix_tokens == prefix for blk in model.blocks)
+    for record in ctrl.history:
+        assert record["keep"] == [min(NP, math.ceil(r * NP - 1e-9)) for r in record["keep_ratio"]]
+
+
+def test_converts_the_model():
+    model = tiny()
+    ALaST(model)
+    assert all(type(blk) is ViTBlock for blk in model.blocks)
+
+
+# ---------------------------------------------------------------------------------- bad input
+BAD_ARGUMENTS = [
+    ({"token_budget": 0}, "token_budget"),
+    ({"token_budget": 1.01}, "token_budget"),
+    ({"token_budget": -0.5}, "token_budget"),
+    ({"token_budget": float("nan")}, "token_budget"),
+    ({"token_budget": True}, "token_budget"),
+    ({"token_budget": "0.5"}, "token_budget"),
+    ({"train_layers": 0}, "train_layers"),
+    ({"train_layers": L + 1}, "train_layers"),
+    ({"train_layers": 2.0}, "train_layers"),
+    ({"train_layers": True}, "train_layers"),
+    ({"policy": "random"}, "policy"),
+    ({"alpha": 0}, "alpha"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"min_keep": 0}, "min_keep"),
+    ({"min_keep": 0.7, "token_budget": 0.6}, "min_keep"),
+    ({"policy": "fixed"}, "keep_ratios"),
+    ({"policy": "fixed", "keep_ratios": [1.0] * L}, "train"),
+    ({"policy": "fixed", "keep_ratios": [1.0] * (L - 1), "train": [True] * L}, "keep_ratios"),
+    ({"policy": "fixed", "keep_ratios": [1.0] * (L + 1), "train": [True] * L}, "keep_ratios"),
+    ({"policy": "fixed", "keep_ratios": [1.0] * L, "train": [True] * (L - 1)}, "train"),
+    ({"policy": "fixed", "keep_ratios": [0.5, 0.0, 1.0, 1.0], "train": [True] * L}, r"keep_ratios\[1\]"),
+    ({"policy": "fixed", "keep_ratios": [0.5, 1.5, 1.0, 1.0], "train": [True] * L}, r"keep_ratios\[1\]"),
+    ({"keep_ratios": [1.0] * L, "train": [True] * L}, "keep_ratios"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD_ARGUMENTS)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+    model = tiny()
+    with pytest.raises(ValueError, match=name):
+        ALaST(model, **kwargs)
+    assert all(type(blk) is Block for blk in model.blocks)  # a rejected controller leaves the model alone
+
+
+def test_model_without_class_token_raises():
+    model = tiny(class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="class token"):
+        ALaST(model)
+    assert all(type(blk) is Block for blk in model.blocks)
