@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import policies
 from .block import BlockPlan, ViTBlock
-from .convert import convert
+from .convert import convert, model_blocks
 
 __all__ = ["ALaST", "StepPlan"]
 
@@ -76,11 +76,7 @@ class ALaST:
         if getattr(model, "cls_token", None) is None:
             raise ValueError("model: ALaST scores tokens by the class token's attention, and this model has no "
                              "class token (cls_token is None)")
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-            raise TypeError(f"model: expected a timm VisionTransformer with a non-empty `blocks` Sequential, "
-                            f"got {type(model).__name__}")
-        L = len(blocks)
+        L = len(model_blocks(model))
         self.policy = policy
         self.token_budget = _check_fraction("token_budget", token_budget)
         self.alpha = _check_fraction("alpha", alpha)

@@ -15,7 +15,8 @@ __all__ = ["convert", "restore"]
 _ALAST_ATTRS = ("num_prefix_tokens", "alast_plan", "alast_importance", "alast_keep")
 
 
-def _blocks(model: nn.Module):
+def model_blocks(model: nn.Module) -> nn.Sequential:
+    """``model.blocks``, checked to be a non-empty ``Sequential``."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise TypeError(f"model: expected a timm VisionTransformer with a non-empty `blocks` Sequential, "
@@ -29,7 +30,7 @@ def convert(model: nn.Module) -> nn.Module:
     Register tokens count as prefix tokens (``model.num_prefix_tokens``). Blocks of other types raise
     ``NotImplementedError`` naming the type; already converted blocks are left as they are.
     """
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     for i, blk in enumerate(blocks):
         if type(blk) not in (Block, ViTBlock):
             raise NotImplementedError(f"model.blocks[{i}] is a {type(blk).__name__}: convert handles timm's Block only")
@@ -46,7 +47,7 @@ def convert(model: nn.Module) -> nn.Module:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`convert`: every :class:`ViTBlock` of ``model.blocks`` becomes a plain timm ``Block``."""
-    for blk in _blocks(model):
+    for blk in model_blocks(model):
         if type(blk) is ViTBlock:
             for name in _ALAST_ATTRS:
                 blk.__dict__.pop(name, None)

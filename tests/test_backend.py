@@ -8,15 +8,6 @@ import torch
 from alast_kernels import backend, get_backend, ops, set_backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 OP_CALLS = {
     "select_tokens": lambda: ops.select_tokens(torch.rand(2, 9), 3),
     "gather_tokens": lambda: ops.gather_tokens(torch.randn(2, 9, 6), torch.tensor([[0, 4], [8, 1]])),

@@ -17,15 +17,6 @@ from alast_kernels import BlockPlan, ViTBlock, backend, ops
 from alast_kernels.measure import saved_activation_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 B, N, D, H = 2, 14, 36, 3
 ATOL = 1e-5
 

@@ -11,15 +11,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from alast_kernels import ALaST, ViTBlock, backend, policies, restore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _reference_backend():
     old = backend._selected

@@ -12,15 +12,6 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from alast_kernels import BlockPlan, ViTBlock, convert, restore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MODELS = {
     # name: (timm model, image size, prefix tokens)
     "vit_tiny": ("vit_tiny_patch16_224", 32, 1),

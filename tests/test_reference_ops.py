@@ -15,15 +15,6 @@ from alast_kernels import backend, ops
 from conftest import requires_gpu
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 B, N, D, H = 2, 14, 30, 3
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) against the float64 derivation from the same (rounded) inputs: a few units of each
