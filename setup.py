@@ -127,7 +127,7 @@ def main():
         "alast_kernels._C",
         sources=SOURCES,
         include_dirs=include,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
     )
     setup(
         version=f"{version}+cu{cuda.replace('.', '')}torch{torch_minor}",

@@ -185,6 +185,13 @@ TORCH_LIBRARY(alast, m) {
 TORCH_LIBRARY_IMPL(alast, CUDA, m) { ALAST_REGISTER(m) }
 TORCH_LIBRARY_IMPL(alast, CPU, m) { ALAST_REGISTER(m) }
 
+// Outputs without a gradient (indices; scores that DESIGN.md defines as constants): autograd passes them
+// through. gather/scatter get their backward from alast_kernels.backends.cuda's autograd.Functions.
+TORCH_LIBRARY_IMPL(alast, Autograd, m) {
+  m.impl("select_tokens", torch::CppFunction::makeFallthrough());
+  m.impl("cls_scores", torch::CppFunction::makeFallthrough());
+}
+
 // `import alast_kernels._C` loads this library, whose static initialisers above register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "alast_kernels CUDA ops (see torch.ops.alast)", -1,
