@@ -5,14 +5,30 @@ import time
 from typing import Callable, Iterable, List
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = ["count_flops", "saved_activation_bytes", "peak_cuda_memory", "median_seconds"]
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel SDPA dispatches to.
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """Floating point operations of ``fn()`` as counted by ``torch.utils.flop_counter`` (matmuls and attention)."""
-    counter = FlopCounterMode(display=False)
+    """Floating point operations of ``fn()`` as counted by ``torch.utils.flop_counter``: matmuls,
+    convolutions and attention (the CPU flash-attention kernels included)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with counter:
         fn()
     return int(counter.get_total_flops())
