@@ -282,8 +282,10 @@ def test_wheel_builds_with_cuda_tag_and_imports_in_a_fresh_venv(tmp_path):
                     "--no-index", str(wheels[0])], env=env, check=True, timeout=600, capture_output=True)
     site = subprocess.run([str(fresh_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    # torch and friends from this environment, without its .pth files (so not its editable alast_kernels).
-    Path(site, "_alast_dev_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # torch and friends from this environment's site directories, listed as plain paths: their .pth files
+    # (among them the editable alast_kernels) are not processed, so the package comes from the wheel.
+    dev_sites = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    Path(site, "_alast_dev_site.pth").write_text("\n".join(dev_sites) + "\n")
 
     check = f"""
 import warnings; warnings.simplefilter("error", RuntimeWarning)
