@@ -7,11 +7,18 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
+# The CUDA extension alast_kernels._C is compiled whenever an nvcc is on PATH, GPU or not, so that
+# `make test` builds and checks it (setup.py finds the toolkit behind nvcc; CUDA_HOME overrides).
+# `ALAST_SKIP_CUDA=1 make ...` installs without it; TORCH_CUDA_ARCH_LIST and MAX_JOBS pass through.
+ifneq ($(shell command -v nvcc 2>/dev/null),)
+export ALAST_FORCE_CUDA ?= 1
+endif
+
 .PHONY: venv demo test bench wheel clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints-dev.txt
+$(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	# torch first: the editable install below builds against it without build isolation.
 	$(PIP) install -q -c constraints-dev.txt torch torchvision setuptools wheel ninja
@@ -23,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable
+
+# A wheel for the CUDA toolkit and torch found, into dist/ (reuses the objects the editable install built).
+wheel: $(STAMP)
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	@ls -1 dist/*.whl
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only
