@@ -38,6 +38,17 @@ def test_matches_reference(nan_outputs, dtype, N, D, H, bias, affine):
     torch.testing.assert_close(got.sum(1), torch.ones(2, device=DEVICE))
 
 
+def test_float32_under_autocast(nan_outputs):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 14, 48, generator=gen).to(DEVICE)
+    p = _block_params(48, torch.float32, gen)
+    plain, _ = _both(x, p, 3)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        under_autocast, _ = _both(x, p, 3)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
+
+
 def test_many_token_blocks(monkeypatch, nan_outputs):
     # One token per program: 70 blocks of per-head statistics, combined in two chunks of 64.
     monkeypatch.setattr(triton_scores, "_TILE", 64)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from alast_kernels import ops
+from alast_kernels.backends.triton import tokens as triton_tokens
 from triton_testing import (DEVICE, DTYPES, REFERENCE_OPS, TRITON_OPS, assert_flash_rule, grads,  # noqa: F401
                             nan_outputs, triton_forced)
 from conftest import requires_gpu
@@ -90,6 +91,18 @@ def test_frozen_parameters_get_no_gradient(nan_outputs):
     _, ry = REFERENCE_OPS["gather_layer_norm"](x, idx, w, b, 1e-6)
     (rx,) = grads(ry, [x], torch.ones_like(ry))
     torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_wider_than_one_block(monkeypatch, nan_outputs):
+    monkeypatch.setattr(triton_tokens, "_MAX_BLOCK_D", 16)  # D = 40 -> three channel blocks per row
+    gen = torch.Generator().manual_seed(8)
+    x, idx = _x(torch.float32, gen), _idx(gen)
+    delta = _x(torch.float32, gen, (B, K, D))
+    got, want = TRITON_OPS["gather_tokens"](x, idx), REFERENCE_OPS["gather_tokens"](x, idx)
+    assert torch.equal(got, want)
+    g = torch.randn(want.shape, generator=gen)
+    assert torch.equal(grads(got, [x], g)[0], grads(want, [x], g)[0])
+    assert torch.equal(TRITON_OPS["scatter_tokens"](x, idx, delta), REFERENCE_OPS["scatter_tokens"](x, idx, delta))
 
 
 def test_non_contiguous_inputs(nan_outputs):

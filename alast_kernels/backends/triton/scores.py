@@ -105,7 +105,8 @@ def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, 
     _common.check_device("x", x)
     B, N, D = x.shape
     H = num_heads
-    with torch.no_grad():
+    # float32 throughout: autocast must not turn the small host matmuls into 16-bit ones.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x = _common.contiguous("x", x.detach())
         u = _class_query_vectors(x, norm_weight, norm_bias, qkv_weight, qkv_bias, H, eps, scale, q_norm)
         out = _common.new_output((B, N), torch.float32, x.device)
