@@ -29,10 +29,11 @@ from . import _common
 
 _BLOCK = 1024  # elements per program of the forward kernel
 _BLOCK_M, _BLOCK_F = 32, 128  # rows x features per program of the backward kernel
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_TANH_C = 0.044715
+# Kernel constants must be tl.constexpr globals to be visible inside @triton.jit functions.
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
