@@ -37,8 +37,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      so_b, so_h, so_n, so_d, H, Nq, Nk, Dh, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,10 +79,10 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_n, so_d, sg_b, sg_h, sg_n, sg_d,
                            H, Nq, Dh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``delta = rowsum(o · do)``, float32 ``(B, H, Nq)``: the softmax backward's per-row constant."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     m = (rows < Nq)[:, None] & (dims < Dh)[None, :]
     o = tl.load(o_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d, mask=m, other=0.0)
@@ -97,10 +97,10 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           sg_b, sg_h, sg_n, sg_d, H, Nq, Nk, Dh, scale, qk_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows0 = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < Nk
@@ -139,10 +139,10 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         sg_b, sg_h, sg_n, sg_d, H, Nq, Nk, Dh, scale, qk_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Nq
@@ -209,7 +209,7 @@ def _attention_forward(q, k, v, scale):
     block, block_d, warps, precision = _settings(Dh, q.dtype)
     o = _common.new_output((B, Nq, H, Dh), q.dtype, q.device).transpose(1, 2)
     lse = _common.new_output((B, H, Nq), torch.float32, q.device)
-    _attn_fwd_kernel[(triton.cdiv(Nq, block), B * H)](
+    _attn_fwd_kernel[(B * H, triton.cdiv(Nq, block))](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, Nq, Nk, Dh, scale * _LOG2E,
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision, num_warps=warps)
     return o, lse
@@ -220,16 +220,16 @@ def _attention_backward(q, k, v, o, lse, do, scale):
     Nk = k.shape[2]
     block, block_d, warps, precision = _settings(Dh, q.dtype)
     delta = _common.new_output((B, H, Nq), torch.float32, q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(Nq, block), B * H)](
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(Nq, block))](
         o, do, delta, *o.stride(), *do.stride(), H, Nq, Dh, BLOCK_M=block, BLOCK_D=block_d)
     dq = _common.new_output((B, H, Nq, Dh), q.dtype, q.device)
     dk = _common.new_output((B, H, Nk, Dh), k.dtype, k.device)
     dv = _common.new_output((B, H, Nk, Dh), v.dtype, v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, Nq, Nk, Dh, scale, scale * _LOG2E)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, block), B * H)](
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(Nk, block))](
         q, k, v, do, lse, delta, dk, dv, *strides,
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision, num_warps=warps)
-    _attn_bwd_dq_kernel[(triton.cdiv(Nq, block), B * H)](
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(Nq, block))](
         q, k, v, do, lse, delta, dq, *strides,
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision, num_warps=warps)
     return dq, dk, dv
