@@ -7,8 +7,7 @@ import torch
 from alast_kernels import ops
 from alast_kernels.backends.reference.attention import cls_probabilities
 from triton_testing import (DEVICE, REFERENCE_OPS, TRITON_OPS, assert_flash_rule, grads, nan_outputs,  # noqa: F401
-                            triton_forced)
-from conftest import requires_gpu
+                            requires_gpu, triton_forced)
 
 
 def _qkv(B, H, Nq, Nk, Dh, dtype, gen):

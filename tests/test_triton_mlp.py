@@ -4,8 +4,7 @@ import torch
 
 from alast_kernels import ops
 from triton_testing import (DEVICE, DTYPES, REFERENCE_OPS, TRITON_OPS, assert_flash_rule, grads,  # noqa: F401
-                            nan_outputs, triton_forced)
-from conftest import requires_gpu
+                            nan_outputs, requires_gpu, triton_forced)
 
 D, F, DOUT = 24, 40, 20  # none a power of two
 

@@ -5,8 +5,8 @@ import torch.nn as nn
 
 from alast_kernels import ops
 from alast_kernels.backends.triton import scores as triton_scores
-from triton_testing import DEVICE, DTYPES, REFERENCE_OPS, TRITON_OPS, nan_outputs, triton_forced  # noqa: F401
-from conftest import requires_gpu
+from triton_testing import (DEVICE, DTYPES, REFERENCE_OPS, TRITON_OPS, nan_outputs, requires_gpu,  # noqa: F401
+                            triton_forced)
 
 
 def _block_params(D, dtype, gen, bias=True, norm_affine=True):

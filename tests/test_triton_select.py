@@ -4,8 +4,8 @@ import torch
 
 from alast_kernels import ops
 from alast_kernels.backends.triton import select as triton_select
-from triton_testing import DEVICE, REFERENCE_OPS, TRITON_OPS, nan_outputs, triton_forced  # noqa: F401
-from conftest import requires_gpu
+from triton_testing import (DEVICE, REFERENCE_OPS, TRITON_OPS, nan_outputs, requires_gpu,  # noqa: F401
+                            triton_forced)
 
 
 def _scores(kind: str, B: int, N: int, dtype, gen):

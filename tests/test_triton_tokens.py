@@ -5,8 +5,7 @@ import torch
 from alast_kernels import ops
 from alast_kernels.backends.triton import tokens as triton_tokens
 from triton_testing import (DEVICE, DTYPES, REFERENCE_OPS, TRITON_OPS, assert_flash_rule, grads,  # noqa: F401
-                            nan_outputs, triton_forced)
-from conftest import requires_gpu
+                            nan_outputs, requires_gpu, triton_forced)
 
 B, N, D, K = 2, 14, 40, 6  # N = 1 + 13, D not a power of two
 
