@@ -84,7 +84,7 @@ def test_gather_layer_norm(nan_outputs, dtype, affine):
 def test_frozen_parameters_get_no_gradient(nan_outputs):
     gen = torch.Generator().manual_seed(4)
     x, idx = _x(torch.float32, gen), _idx(gen)
-    w, b = torch.randn(D, generator=gen), torch.randn(D, generator=gen)
+    w, b = (torch.randn(D, generator=gen).to(DEVICE) for _ in range(2))
     _, y = TRITON_OPS["gather_layer_norm"](x, idx, w, b, 1e-6)
     (gx,) = grads(y, [x], torch.ones_like(y))
     _, ry = REFERENCE_OPS["gather_layer_norm"](x, idx, w, b, 1e-6)
@@ -99,7 +99,7 @@ def test_rows_wider_than_one_block(monkeypatch, nan_outputs):
     delta = _x(torch.float32, gen, (B, K, D))
     got, want = TRITON_OPS["gather_tokens"](x, idx), REFERENCE_OPS["gather_tokens"](x, idx)
     assert torch.equal(got, want)
-    g = torch.randn(want.shape, generator=gen)
+    g = torch.randn(want.shape, generator=gen).to(DEVICE)
     assert torch.equal(grads(got, [x], g)[0], grads(want, [x], g)[0])
     assert torch.equal(TRITON_OPS["scatter_tokens"](x, idx, delta), REFERENCE_OPS["scatter_tokens"](x, idx, delta))
 
