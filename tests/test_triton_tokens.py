@@ -164,3 +164,14 @@ def test_gpu_vit_base_shapes(nan_outputs, dtype):
         assert_flash_rule("grad", a, r, e, slack=1e-2 if dtype != torch.float32 else 1e-4)
     delta = torch.randn(b, k, d, generator=gen).to(dtype).cuda()
     assert torch.equal(TRITON_OPS["scatter_tokens"](x, idx, delta), REFERENCE_OPS["scatter_tokens"](x, idx, delta))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_tensors_on_a_non_current_device(nan_outputs):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(B, N, D, generator=gen).to("cuda:1")
+    idx = _idx(gen).to("cuda:1")
+    with torch.cuda.device(0):
+        got = TRITON_OPS["gather_layer_norm"](x, idx, None, None, 1e-6)
+    for a, b in zip(got, REFERENCE_OPS["gather_layer_norm"](x, idx, None, None, 1e-6)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,8 @@
 """Helpers shared by the Triton launchers: output allocation, layout checks, launch settings."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -50,3 +52,18 @@ def check_device(name: str, t: torch.Tensor) -> None:
 def row_block(n: int) -> int:
     """Power-of-two block covering ``n`` elements of a row (at least 16, Triton's smallest dot tile)."""
     return max(16, triton.next_power_of_2(n))
+
+
+def on_tensor_device(fn):
+    """Run ``fn`` with its first tensor argument's CUDA device current.
+
+    Triton launches on the current device; without this a tensor on ``cuda:1`` while ``cuda:0`` is
+    current would be read through the wrong device's context.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        guard = torch.cuda.device(t.device) if t is not None and t.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return fn(*args, **kwargs)
+    return wrapper

@@ -258,6 +258,7 @@ class AttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @_common.on_tensor_device
     def backward(ctx, grad_o, _grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_backward(q, k, v, o, lse, grad_o, ctx.scale)
@@ -267,6 +268,7 @@ class AttentionFunction(torch.autograd.Function):
 _warned_fallback = set()
 
 
+@_common.on_tensor_device
 def attention(q, k, v, scale: float, return_cls: bool):
     """``softmax(q kᵀ · scale) v`` (``(B, H, Nq, Dh)``, dtype of ``q``); with ``return_cls`` also the
     float32 ``(B, Nk)`` head mean of query 0's probability row (no gradient)."""

@@ -132,6 +132,7 @@ class MaskedMLPFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_common.on_tensor_device
     def backward(ctx, grad_y):
         x, pre, w1, w2 = ctx.saved_tensors
         grad_y = _rows(grad_y.to(w2.dtype))
@@ -162,6 +163,7 @@ class MaskedMLPFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+@_common.on_tensor_device
 def masked_mlp(x, w1, b1, w2, b2, train, approximate):
     """``fc2(gelu(fc1(x)))``: x ``(..., D)``, w1 ``(F, D)``, w2 ``(Dout, F)``, biases or ``None``."""
     if (_compute_dtype(x) or x.dtype) == torch.float64:

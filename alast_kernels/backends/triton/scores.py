@@ -97,6 +97,7 @@ def _class_query_vectors(x, norm_weight, norm_bias, qkv_weight, qkv_bias, H, eps
     return u.contiguous()
 
 
+@_common.on_tensor_device
 def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm, k_norm):
     """Float32 ``(B, N)`` head-mean class-token attention row of ``x`` ``(B, N, D)``; no gradient."""
     if k_norm is not None or x.dtype == torch.float64:

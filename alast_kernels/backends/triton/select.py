@@ -80,6 +80,7 @@ def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.c
         equal_seen += tl.sum(is_equal, axis=0)
 
 
+@_common.on_tensor_device
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N)`` float scores -> int64 ``(B, num_prefix + keep)`` indices (see the module docstring).
 

@@ -176,6 +176,7 @@ class GatherFunction(torch.autograd.Function):
         return _gather(x, idx)
 
     @staticmethod
+    @_common.on_tensor_device
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -183,6 +184,7 @@ class GatherFunction(torch.autograd.Function):
         return _scatter_add_into_zeros(grad_out.contiguous(), idx, ctx.num_tokens), None
 
 
+@_common.on_tensor_device
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b]]``: ``(B, N, D)``, int64 ``(B, K)`` -> ``(B, K, D)`` in ``x``'s dtype."""
     x, idx = _prepare(x, idx)
@@ -210,12 +212,14 @@ class ScatterFunction(torch.autograd.Function):
         return _scatter(x, idx, delta)
 
     @staticmethod
+    @_common.on_tensor_device
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         grad_delta = _gather(grad_out.contiguous(), idx) if ctx.needs_input_grad[2] else None
         return (grad_out if ctx.needs_input_grad[0] else None), None, grad_delta
 
 
+@_common.on_tensor_device
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``x`` with ``delta[b, j]`` added at token ``idx[b, j]`` (unique per row): a new ``(B, N, D)`` tensor."""
     x, idx = _prepare(x, idx)
@@ -247,6 +251,7 @@ class GatherLayerNormFunction(torch.autograd.Function):
         return x_kept, y
 
     @staticmethod
+    @_common.on_tensor_device
     def backward(ctx, grad_kept, grad_y):
         x, idx, weight, mean, rstd = ctx.saved_tensors
         B, N, D = x.shape
@@ -271,6 +276,7 @@ class GatherLayerNormFunction(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, None
 
 
+@_common.on_tensor_device
 def gather_layer_norm(x, idx, weight, bias, eps):
     """``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)`` in ``x``'s dtype.
 
