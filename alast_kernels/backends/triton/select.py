@@ -1,0 +1,103 @@
+"""Top-k token selection, one Triton program per row, exact including ties.
+
+Result (as ``backends/reference/select.py``): the prefix indices ``0..P-1``, then the ``keep`` highest
+scoring other tokens in ascending index order; among equal scores the lower index wins.
+
+How: each score becomes an int32 key whose integer order is the float order (NaN largest, ``-0.0 ==
+0.0``, as ``torch.sort`` treats them). A 32-step binary search over the key range finds the
+``keep``-th largest key ``T`` (each step counts the keys ``>= mid``: ``O(32·N)`` work per row, any
+``N``). Every key ``> T`` is selected, plus the first ``keep - count(> T)`` keys equal to ``T`` in index
+order; one more pass in index order writes them with a running prefix count (``tl.cumsum``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.select import select_tokens as _reference_select
+from . import _common
+
+# Tokens per block of the in-row loops: bigger rows loop over several blocks.
+_MAX_BLOCK = 4096
+
+
+@triton.jit
+def _sort_keys(s):
+    """int32 keys ordered like the float32 scores ``s``; NaNs (either sign) map to the largest key."""
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal scores tie, as in torch.sort
+    bits = s.to(tl.int32, bitcast=True)
+    # Positive floats already order as integers; negative ones order reversed, so flip their magnitude.
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(s != s, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = scores_ptr + row * N + P  # the M = N - P candidate scores of this row
+    o_row = out_ptr + row * (P + keep)
+    offs = tl.arange(0, BLOCK)
+
+    # Binary search for T, the keep-th largest key: invariant count(key >= lo) >= keep.
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.zeros((), tl.int32)
+        for start in range(0, M, BLOCK):
+            m = start + offs < M
+            key = _sort_keys(tl.load(s_row + start + offs, mask=m, other=0.0).to(tl.float32))
+            count += tl.sum((m & (key.to(tl.int64) >= mid)).to(tl.int32), axis=0)
+        take = count >= keep
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    threshold = lo
+
+    above = tl.zeros((), tl.int32)
+    for start in range(0, M, BLOCK):
+        m = start + offs < M
+        key = _sort_keys(tl.load(s_row + start + offs, mask=m, other=0.0).to(tl.float32)).to(tl.int64)
+        above += tl.sum((m & (key > threshold)).to(tl.int32), axis=0)
+    equal_wanted = keep - above  # >= 1 by the choice of T
+
+    # Prefix tokens first, then the selected ones in index order.
+    for start in range(0, P, BLOCK):
+        m = start + offs < P
+        tl.store(o_row + start + offs, (start + offs).to(tl.int64), mask=m)
+    written = tl.zeros((), tl.int32)
+    equal_seen = tl.zeros((), tl.int32)
+    for start in range(0, M, BLOCK):
+        m = start + offs < M
+        key = _sort_keys(tl.load(s_row + start + offs, mask=m, other=0.0).to(tl.float32)).to(tl.int64)
+        is_equal = (m & (key == threshold)).to(tl.int32)
+        equal_before = equal_seen + tl.cumsum(is_equal, axis=0) - is_equal
+        chosen = (m & (key > threshold)) | ((is_equal != 0) & (equal_before < equal_wanted))
+        chosen_i = chosen.to(tl.int32)
+        slot = written + tl.cumsum(chosen_i, axis=0) - chosen_i
+        tl.store(o_row + P + slot, (P + start + offs).to(tl.int64), mask=chosen)
+        written += tl.sum(chosen_i, axis=0)
+        equal_seen += tl.sum(is_equal, axis=0)
+
+
+@_common.on_tensor_device
+def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
+    """``(B, N)`` float scores -> int64 ``(B, num_prefix + keep)`` indices (see the module docstring).
+
+    float64 scores run the reference: converting them to float32 keys could merge distinct scores.
+    """
+    if scores.dtype == torch.float64:
+        return _reference_select(scores, keep, num_prefix)
+    _common.check_device("scores", scores)
+    scores = _common.contiguous("scores", scores)
+    B, N = scores.shape
+    M = N - num_prefix
+    if not 1 <= keep <= M:
+        raise ValueError(f"keep: expected an int in [1, {M}], got {keep!r}")
+    out = _common.new_output((B, num_prefix + keep), torch.int64, scores.device)
+    if B == 0:
+        return out
+    block = min(_MAX_BLOCK, _common.row_block(max(M, num_prefix)))
+    _select_kernel[(B,)](scores, out, N, M, keep, P=num_prefix, BLOCK=block,
+                         num_warps=4 if block <= 1024 else 8)
+    return out

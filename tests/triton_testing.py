@@ -1,0 +1,60 @@
+"""Shared helpers for the triton backend tests (``test_triton_*.py``).
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` without a GPU, before this module imports the backend,
+so the kernels run on CPU tensors through the Triton interpreter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alast_kernels
+from alast_kernels.backends import triton as triton_backend
+from alast_kernels.backends.reference import OPS as REFERENCE_OPS
+from alast_kernels.backends.triton import _common
+
+TRITON_OPS = triton_backend.OPS
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Same rule as conftest's `requires_gpu`, defined here so test modules need not import conftest by name.
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The interpreter's bfloat16 and TF32 dots differ from a GPU's (DESIGN.md §6): bfloat16 is GPU-only.
+DTYPES = (torch.float32, torch.float16)
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Every buffer a launcher allocates starts as NaN (floats) or -7 (integers): unwritten elements show."""
+    real = _common.new_output
+
+    def poisoned(shape, dtype, device):
+        t = real(shape, dtype, device)
+        return t.fill_(float("nan") if dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(_common, "new_output", poisoned)
+
+
+@pytest.fixture
+def triton_forced():
+    """The public ops run the triton backend for the test's duration."""
+    alast_kernels.set_backend("triton")
+    try:
+        yield
+    finally:
+        alast_kernels.set_backend("auto")
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_flash_rule(name: str, ours: torch.Tensor, torch_same: torch.Tensor, exact: torch.Tensor,
+                      slack: float = 1e-5) -> None:
+    """DESIGN.md §6: our error against the float64 result at most 2x PyTorch's own in the same precision."""
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    ours_err, torch_err = max_error(ours, exact), max_error(torch_same, exact)
+    assert ours_err <= 2 * torch_err + slack, f"{name}: error {ours_err:.3g} > 2 x PyTorch's {torch_err:.3g} + {slack}"
+
+
+def grads(outputs, inputs, grad_outputs):
+    """Gradients of ``inputs`` (``None`` for unused ones) for the given output gradients."""
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
