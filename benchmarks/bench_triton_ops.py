@@ -2,7 +2,7 @@
 
 Run: ``python -m pytest benchmarks/bench_triton_ops.py --benchmark-only``. Every benchmark records the
 device, shapes, dtype and bytes moved in ``benchmark.extra_info``; at the end of the module the medians
-are written to ``benchmarks/results/triton_ops-<date>.json`` with :func:`write_results_json` (device,
+are written to ``benchmarks/results/triton_ops.json`` by :func:`record.write_results` (device,
 torch/triton/CUDA versions, commit, date). With ``--benchmark-disable`` (``make test``) each benchmark runs
 once as a smoke test and nothing is written.
 
@@ -11,59 +11,26 @@ the 196 patches (``K = 99`` with the class token).
 """
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import pathlib
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from record import write_results
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 
 B, N, D, H = 128, 197, 768, 12
 KEEP = 98
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 _records: list = []
-
-
-# ------------------------------------------------------------------------------------------ results
-def environment() -> dict:
-    """Device and software versions, commit and date of a benchmark run."""
-    import triton
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def write_results_json(records: list, name: str = "triton_ops", directory: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
-    """Write ``records`` (one dict per benchmark) with :func:`environment` to ``directory/<name>-<date>.json``."""
-    env = environment()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}-{env['date'][:10]}.json"
-    path.write_text(json.dumps({"environment": env, "results": records}, indent=2) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_results():
     yield
     if _records:
-        write_results_json(_records)
+        write_results("triton_ops", {"results": _records})
 
 
 def _run(benchmark, fn, op: str, variant: str, bytes_moved: int = 0, flops: int = 0, **shapes):

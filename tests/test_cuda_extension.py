@@ -7,7 +7,6 @@ and a fallback, and (slow) that a wheel builds, is named for CUDA and torch, ins
 environment and imports there. Running the kernels is ``test_cuda_ops.py`` (GPU only).
 """
 import os
-import re
 import shutil
 import subprocess
 import sys
