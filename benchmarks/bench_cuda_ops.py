@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alast_kernels import _extension
 from alast_kernels import backend as _backend
 from alast_kernels.backends import reference
 
@@ -25,16 +24,6 @@ B, N, D, H, KEEP, P = 128, 197, 768, 12, 98, 1
 REPEATS, INNER = 25, 20
 TARGETS = {"select_speedup_vs_topk": 3.0, "gather_fraction_of_copy": 0.8, "scatter_fraction_of_copy": 0.8}
 _results: dict = {}
-
-
-@pytest.fixture(scope="module")
-def cuda():
-    try:
-        _extension.load()
-    except ImportError as exc:
-        pytest.skip(f"alast_kernels._C is not usable here: {exc}")
-    from alast_kernels.backends import cuda as backend
-    return backend
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,8 @@
-"""Shared test set-up.
-
-Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any
-kernel is defined, so it is set here, before any test module imports the Triton backend.
-"""
-import os
-
+"""Shared test set-up (TRITON_INTERPRET is set in the root conftest.py)."""
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from alast_kernels import backend
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,3 +23,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def reference_backend():
+    """Every op on the reference backend for the test; the previous choice restored after."""
+    old = backend._selected
+    backend.set_backend("reference")
+    yield
+    backend._selected = old

@@ -13,7 +13,7 @@ from timm.layers import Attention, RmsNorm
 from timm.models.vision_transformer import Block
 
 import _naive as naive
-from alast_kernels import BlockPlan, ViTBlock, backend, ops
+from alast_kernels import BlockPlan, ViTBlock, ops
 from alast_kernels.measure import saved_activation_bytes
 
 
@@ -41,12 +41,7 @@ DROPOUT_CONFIGS = {
 ALL_CONFIGS = {**CONFIGS, **DROPOUT_CONFIGS}
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    old = backend._selected
-    backend.set_backend("reference")
-    yield
-    backend._selected = old
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def make_pair(config, dtype=torch.float32, seed=0):

@@ -8,15 +8,10 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from alast_kernels import ALaST, ViTBlock, backend, policies, restore
+from alast_kernels import ALaST, ViTBlock, policies, restore
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    old = backend._selected
-    backend.set_backend("reference")
-    yield
-    backend._selected = old
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 L, NP = 4, 16

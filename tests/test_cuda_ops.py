@@ -15,23 +15,13 @@ import torch
 
 from conftest import requires_gpu
 
-from alast_kernels import _extension, ops
+from alast_kernels import ops
 from alast_kernels import backend as _backend
 from alast_kernels.backends import reference
 
 pytestmark = requires_gpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def cuda():
-    try:
-        _extension.load()
-    except ImportError as exc:
-        pytest.skip(f"alast_kernels._C is not usable here: {exc}")
-    from alast_kernels.backends import cuda as backend
-    return backend
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 import _naive as naive
-from alast_kernels import backend, ops
+from alast_kernels import ops
 from conftest import requires_gpu
 
 
@@ -27,12 +27,7 @@ TOL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    old = backend._selected
-    backend.set_backend("reference")
-    yield
-    backend._selected = old
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def rand(*shape, dtype=torch.float64, scale=1.0, requires_grad=False, seed=None):

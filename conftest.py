@@ -1,0 +1,26 @@
+"""Set-up shared by tests/ and benchmarks/.
+
+Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before Triton
+reads it, so it is set here, before anything imports triton (importing torch or alast_kernels may).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from alast_kernels import _extension  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    """The cuda backend module; skips where the compiled extension cannot be used."""
+    try:
+        _extension.load()
+    except ImportError as exc:
+        pytest.skip(f"alast_kernels._C is not usable here: {exc}")
+    from alast_kernels.backends import cuda as backend
+    return backend
