@@ -2,7 +2,7 @@
 """Fine-tune a timm Vision Transformer twice from the same weights — full fine-tuning and ALaST — and compare.
 
 Run with no arguments (``make demo``) it needs no download: it fine-tunes a small ViT (``vit_tiny_patch16_224``
-with 48×48 inputs and 8×8 patches) on scikit-learn's bundled handwritten digits 5–9 pasted on a mostly
+with 48×48 inputs, 8×8 patches and 6 blocks) on scikit-learn's bundled handwritten digits 5–9 pasted on a mostly
 empty canvas, starting from weights the job trains itself on digits 0–4 (once; cached). Both runs use
 the same AdamW optimiser, learning-rate schedule and batches. It prints a side-by-side table (held-out
 accuracy, wall time, training FLOPs, peak activation memory) and ALaST's last per-layer plan, and writes
@@ -112,18 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="vit_tiny_patch16_224", help="any timm VisionTransformer name")
     model.add_argument("--img-size", type=_positive, default=48, help="input size (overrides the model's)")
     model.add_argument("--patch-size", type=_positive, default=8, help="patch size (overrides the model's)")
-    model.add_argument("--depth", type=_positive, default=None, help="number of blocks (default: the model's)")
+    model.add_argument("--depth", type=_non_negative, default=6,
+                       help="number of blocks (overrides the model's); 0 keeps the model's own depth, as "
+                            "timm's hub weights of deeper models need")
     start = model.add_mutually_exclusive_group()
     start.add_argument("--pretrained", action="store_true",
                        help="start from timm's hub weights (needs network access or a filled HF cache)")
     start.add_argument("--checkpoint", metavar="PATH",
                        help="start from this state_dict (the classifier head is replaced)")
-    model.add_argument("--pretrain-steps", type=_positive, default=300,
+    model.add_argument("--pretrain-steps", type=_positive, default=200,
                        help="steps of the job's own pretraining on digits 0-4 (used without --pretrained "
                             "or --checkpoint; the result is cached)")
     model.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the job's pretrained weights are cached")
     train = p.add_argument_group("fine-tuning")
-    train.add_argument("--steps", type=_positive, default=150, help="training steps of each run")
+    train.add_argument("--steps", type=_positive, default=120, help="training steps of each run")
     train.add_argument("--batch-size", type=_positive, default=32)
     train.add_argument("--lr", type=_positive_float, default=1e-3,
                        help="AdamW peak learning rate (5%% linear warm-up, cosine decay)")
@@ -219,7 +221,7 @@ def load_image_folder(root: str, img_size: int, seed: int):
 # --------------------------------------------------------------------------------------------- model
 def model_kwargs(args) -> Dict:
     kwargs = {"img_size": args.img_size, "patch_size": args.patch_size}
-    if args.depth is not None:
+    if args.depth:
         kwargs["depth"] = args.depth
     return kwargs
 
@@ -247,11 +249,13 @@ def load_backbone(model: torch.nn.Module, state: Dict[str, torch.Tensor], origin
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
         raise SystemExit(f"{origin}: does not fit --model {model.default_cfg.get('architecture', '?')} with "
-                         f"{model_kwargs_text(model)}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                         f"{model_kwargs_text(model)}: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(--depth 0 keeps the model's own depth)")
 
 
 def model_kwargs_text(model) -> str:
-    return f"img_size={model.patch_embed.img_size}, patch_size={model.patch_embed.patch_size}, depth={len(model.blocks)}"
+    (h, w), (ph, pw) = model.patch_embed.img_size, model.patch_embed.patch_size
+    return f"{h}x{w} input, {ph}x{pw} patches, depth {len(model.blocks)}"
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
