@@ -227,12 +227,12 @@ def model_kwargs(args) -> Dict:
 
 
 def create_model(args, num_classes: int, pretrained: bool = False) -> VisionTransformer:
+    if not timm.is_model(args.model):
+        raise SystemExit(f"--model: Unknown model {args.model!r} (timm.list_models('vit_*') lists the ViTs)")
     try:
         model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **model_kwargs(args))
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise SystemExit(f"--model: {e}") from None
-        raise
+    except TypeError as e:  # a model family that does not take img_size / patch_size / depth
+        raise SystemExit(f"--model {args.model}: expected a timm VisionTransformer ({e})") from None
     if not isinstance(model, VisionTransformer):
         raise SystemExit(f"--model {args.model}: expected a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "cls_token", None) is None:
@@ -479,9 +479,18 @@ def _machine(device: torch.device) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
+    """Run the job with command-line ``argv``; returns the record it writes to ``results.json``."""
     args = parse_args(argv)
-    job_start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    try:
+        return run_job(args)
+    finally:
+        torch.set_num_threads(threads)  # main() called from Python (tests) leaves the caller's setting
+
+
+def run_job(args: argparse.Namespace) -> Dict:
+    job_start = time.perf_counter()
     device = torch.device(args.device)
     show = not args.quiet
 

@@ -68,25 +68,32 @@ def plot_budgets(history: List[Dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from matplotlib.colors import ListedColormap, LogNorm, Normalize
+
     steps = [h["step"] for h in history]
+    budgets = np.array([h["budget"] for h in history]).T
+    # Budgets of the "alast" policy span orders of magnitude (one layer can take most of L), so a log
+    # scale shows the small ones too; "paper" budgets can reach 0 and stay linear in [0, 1].
+    budget_norm = LogNorm(budgets.min(), budgets.max()) if budgets.min() > 0 else Normalize(0, max(1, budgets.max()))
     panels = [
-        ("budget b (before the step's update)", np.array([h["budget"] for h in history]).T, "viridis", None),
+        ("budget b (before the step's update)", budgets, "viridis", budget_norm),
         ("keep ratio r (fraction of patch tokens processed)", np.array([h["keep_ratio"] for h in history]).T,
-         "magma", (0, 1)),
-        ("trained (1) / frozen (0)", np.array([h["train"] for h in history], dtype=float).T, "Greys", (0, 1)),
+         "magma", Normalize(0, 1)),
+        ("trained or frozen", np.array([h["train"] for h in history], dtype=float).T,
+         ListedColormap(["#d9d9d9", "#1f4e9c"]), Normalize(0, 1)),
     ]
-    num_layers = panels[0][1].shape[0]
+    num_layers = budgets.shape[0]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 + 1.9 * len(panels)), sharex=True,
                              constrained_layout=True)
     extent = (steps[0] - 0.5, steps[-1] + 0.5, num_layers - 0.5, -0.5)
-    for ax, (label, values, cmap, limits) in zip(axes, panels):
-        vmin, vmax = limits if limits else (None, None)
-        image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, extent=extent,
-                          interpolation="nearest")
+    for ax, (label, values, cmap, norm) in zip(axes, panels):
+        image = ax.imshow(values, aspect="auto", cmap=cmap, norm=norm, extent=extent, interpolation="nearest")
         ax.set_ylabel("layer")
         ax.set_yticks(range(num_layers))
         ax.set_title(label, fontsize=10)
-        fig.colorbar(image, ax=ax, label=label.split(" (")[0])
+        bar = fig.colorbar(image, ax=ax, label=label.split(" (")[0])
+        if label == "trained or frozen":
+            bar.set_ticks([0.25, 0.75], labels=["frozen", "trained"])
     axes[-1].set_xlabel("training step")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
