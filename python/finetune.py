@@ -98,11 +98,32 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Fine-tune a timm ViT with full fine-tuning and with ALaST from the same weights; "
                     "print and save the comparison.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR",
                       help="ImageFolder data (DIR/<class>/<image>, or DIR/train and DIR/val|test); held in "
@@ -126,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the job's pretrained weights are cached")
     train = p.add_argument_group("fine-tuning")
     train.add_argument("--steps", type=_positive, default=120, help="training steps of each run")
-    train.add_argument("--batch-size", type=_positive, default=32)
+    train.add_argument("--batch-size", type=_positive, default=32, help="images per training step")
     train.add_argument("--lr", type=_positive_float, default=1e-3,
                        help="AdamW peak learning rate (5%% linear warm-up, cosine decay)")
-    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--weight-decay", type=_non_negative_float, default=0.05, help="AdamW weight decay")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     train.add_argument("--threads", type=_positive, default=None,
                        help="CPU threads for torch (default: the CPUs this process may use)")
