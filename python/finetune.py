@@ -529,16 +529,15 @@ def run_job(args: argparse.Namespace) -> Dict:
     depth = len(start.blocks)
     if args.train_layers is not None and args.train_layers > depth:
         raise SystemExit(f"--train-layers: expected at most the model's depth {depth}, got {args.train_layers}")
-    weights = starting_weights(args, start, device, show)
-    torch.manual_seed(args.seed)
-    start.reset_classifier(len(classes))  # a new, seeded head for the new task
-    start.to(device)
-
     num_patches = start.patch_embed.num_patches
     print(f"data:     {data_text}")
     print(f"model:    {args.model} ({model_kwargs_text(start)}, {num_patches} patches, "
           f"{sum(p.numel() for p in start.parameters()) / 1e6:.2f} M parameters) on {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads", flush=True)
+    weights = starting_weights(args, start, device, show)
+    torch.manual_seed(args.seed)
+    start.reset_classifier(len(classes))  # a new, seeded head for the new task
+    start.to(device)
     print(f"weights:  {weights.pop('text')}")
     print(f"training: {args.steps} steps x batch {args.batch_size}, AdamW lr {args.lr:g} (warm-up + cosine), "
           f"same batches for both runs; ALaST policy {args.policy!r}, token budget {args.token_budget:g}, "
