@@ -1,0 +1,260 @@
+"""The fine-tuning job (python/finetune.py) and its embedded data: learning, outputs, options, errors."""
+import argparse
+import json
+import math
+import os
+
+import pytest
+import timm
+import torch
+
+import alast_kernels as ak
+import finetune
+from digits_canvas import DigitCanvas, batches, digit_tasks
+
+CPU = torch.device("cpu")
+CHANCE = 1 / 5  # both embedded tasks have 5 classes
+# A 2-block job that takes a few seconds; each test adds what it checks.
+TINY = ["--depth", "2", "--steps", "4", "--pretrain-steps", "3", "--batch-size", "8", "--probes", "2",
+        "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One pretraining cache for the module: the tiny job pretrains once, later runs load it."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _tiny_vit(num_classes=5, depth=3, dim=96):
+    return timm.create_model("vit_tiny_patch16_224", img_size=48, patch_size=8, depth=depth, embed_dim=dim,
+                             num_heads=3, num_classes=num_classes)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_digit_canvas_is_mostly_background_and_deterministic():
+    tasks = digit_tasks(48, seed=0, grid=8)
+    train, test = tasks["finetune"]
+    assert isinstance(train, DigitCanvas)
+    assert train.num_classes == test.num_classes == 5
+    assert sorted(test.labels.unique().tolist()) == [0, 1, 2, 3, 4]
+    # 5-9 has 896 images; 25% of each class held out, train and test disjoint by construction
+    assert len(train) + len(test) == 896 and abs(len(test) - 224) <= 5
+    x, y = train.render(torch.arange(16), torch.Generator().manual_seed(1))
+    assert x.shape == (16, 3, 48, 48) and x.dtype == torch.float32
+    # a 24x24 digit on a 48x48 canvas of 8x8 patches: at least 20 of 36 patches are pure background
+    ink = (x[:, 0] > 0.0).float()  # background noise is below 0.5 intensity, i.e. below 0 after normalising
+    patches_with_ink = ink.unfold(1, 8, 8).unfold(2, 8, 8).amax(dim=(-1, -2)).sum(dim=(1, 2))
+    assert (patches_with_ink <= 16).all()
+    again = list(batches(train, 8, 3, seed=5))
+    for (xa, ya), (xb, yb) in zip(again, batches(train, 8, 3, seed=5)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(again[0][0], next(batches(train, 8, 1, seed=6))[0])
+
+
+# -------------------------------------------------------------------------------------------- learning
+def test_alast_learns_embedded_digits_well_above_chance():
+    """A small ViT trained with ALaST (half the patch tokens per block on average) from scratch, 200 steps."""
+    torch.manual_seed(0)
+    train_set, test_set = digit_tasks(48, seed=0, grid=8)["pretrain"]
+    model = _tiny_vit()
+    alast = ak.ALaST(ak.convert(model), token_budget=0.5, train_layers=2, train_embeddings=True)
+    args = argparse.Namespace(batch_size=32, weight_decay=0.05)
+    finetune.train(model, alast, train_set, args, steps=200, lr=2e-3, seed=0, device=CPU, desc="", show=False)
+    # ALaST really selected tokens and froze layers while it learned
+    assert all(sum(h["keep"]) < 0.6 * 36 * len(h["keep"]) for h in alast.history)
+    assert all(not all(h["train"]) for h in alast.history)
+    accuracy = finetune.evaluate(model, test_set, CPU)
+    assert accuracy > 2 * CHANCE, f"held-out accuracy {accuracy:.3f} is not well above chance {CHANCE}"
+
+
+def test_measured_steps_leave_training_unchanged():
+    """Probing FLOPs and memory on a step must not change the plans, the budgets or the weights."""
+    train_set, _ = digit_tasks(48, seed=0, grid=8)["finetune"]
+    args = argparse.Namespace(batch_size=8, weight_decay=0.05)
+    torch.manual_seed(0)
+    start = _tiny_vit(depth=2, dim=48)
+    finals = []
+    for probes in (0, 5):
+        model = ak.convert(_tiny_vit(depth=2, dim=48))
+        model.load_state_dict(start.state_dict())
+        alast = ak.ALaST(model, token_budget=0.5, train_layers=1)
+        run = finetune.train(model, alast, train_set, args, steps=5, lr=1e-3, seed=3, device=CPU, desc="",
+                             show=False, probes=probes)
+        assert len(run["probes"]) == probes
+        finals.append((alast.state_dict(), model.state_dict(), run["losses"]))
+    (state_a, weights_a, losses_a), (state_b, weights_b, losses_b) = finals
+    assert state_a["budgets"] == state_b["budgets"] and state_a["step"] == state_b["step"] == 5
+    assert [h["keep"] for h in state_a["history"]] == [h["keep"] for h in state_b["history"]]
+    assert losses_a == losses_b
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+def _full_step_flops(batch, depth, dim, num_patches, patch, classes):
+    """Forward+backward FLOPs of full fine-tuning of a plain ViT, derived by hand.
+
+    Forward: per block 2·B·N·12·D² for qkv, proj, fc1, fc2 and 4·B·N²·D for q·kᵀ and p·v; the patch
+    embedding 2·B·Np·(3·p²)·D; the head 2·B·D·C. Backward doubles everything except the patch embedding,
+    whose input (the image) needs no gradient: only its weight gradient, once more.
+    """
+    n = num_patches + 1
+    blocks = depth * (2 * batch * n * 12 * dim * dim + 4 * batch * n * n * dim)
+    embed = 2 * batch * num_patches * 3 * patch * patch * dim
+    head = 2 * batch * dim * classes
+    return 3 * (blocks + head) + 2 * embed
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def test_main_writes_results_and_heat_map(tmp_path, cache_dir, capsys):
+    out = tmp_path / "out"
+    record = finetune.main(TINY + ["--out", str(out), "--cache-dir", cache_dir])
+    printed = capsys.readouterr().out
+    assert "full fine-tuning" in printed and "ALaST" in printed and "trained now on digits 0-4" in printed
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["start_weights"]["source"] == "trained_now"
+    assert os.path.isfile(saved["start_weights"]["path"])
+    full, alast = saved["runs"]["full"], saved["runs"]["alast"]
+    for run in (full, alast):
+        for key in ("accuracy", "train_seconds", "median_step_seconds", "train_flops", "peak_activation_bytes",
+                    "final_loss", "losses", "probe_steps"):
+            assert key in run, key
+        assert 0 <= run["accuracy"] <= 1 and run["train_seconds"] > 0 and len(run["losses"]) == 4
+        assert run["probe_steps"] == [0, 3] and run["memory_kind"] == "saved_for_backward"
+    # the full run's FLOPs match a derivation by hand (attention included), every step alike
+    per_step = _full_step_flops(batch=8, depth=2, dim=192, num_patches=36, patch=8, classes=5)
+    assert full["flops_per_step_probes"] == [per_step, per_step]
+    assert full["train_flops"] == 4 * per_step
+    assert alast["train_flops"] < 0.7 * full["train_flops"]
+    assert alast["peak_activation_bytes"] < full["peak_activation_bytes"]
+    assert len(alast["history"]) == 4 and len(alast["final_keep_ratios"]) == 2
+    assert alast["final_trained_layers"] == [i for i, t in enumerate(alast["history"][-1]["train"]) if t]
+    assert math.isclose(sum(alast["history"][0]["keep_ratio"]) / 2, 0.5, rel_tol=1e-6)  # token budget held
+    assert saved["ratios"]["flops"] == pytest.approx(alast["train_flops"] / full["train_flops"])
+    assert record["runs"]["full"]["accuracy"] == full["accuracy"]
+
+    png = (out / "budgets.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    height, width, _ = matplotlib.image.imread(str(out / "budgets.png")).shape
+    assert height > 300 and width > 600
+
+    # a second run reuses the cached starting weights and gives the same full fine-tuning result
+    again = finetune.main(TINY + ["--out", str(tmp_path / "again"), "--cache-dir", cache_dir])
+    assert again["start_weights"]["source"] == "cache"
+    assert "loaded from cache" in capsys.readouterr().out
+    assert again["runs"]["full"]["losses"] == full["losses"]
+
+
+def test_checkpoint_option(tmp_path, cache_dir):
+    torch.manual_seed(1)
+    donor = timm.create_model("vit_tiny_patch16_224", img_size=48, patch_size=8, depth=2, num_classes=7)
+    path = tmp_path / "start.pt"
+    torch.save({"model": donor.state_dict()}, path)
+    record = finetune.main(TINY + ["--checkpoint", str(path), "--out", str(tmp_path / "out"),
+                                   "--cache-dir", cache_dir])
+    assert record["start_weights"] == {"source": "checkpoint", "path": str(path)}
+
+
+@pytest.mark.parametrize("policy", ["fixed", "paper"])
+def test_other_policies(tmp_path, cache_dir, policy):
+    record = finetune.main(TINY + ["--depth", "3", "--policy", policy, "--token-budget", "0.4", "--train-layers", "2",
+                                   "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
+    alast = record["runs"]["alast"]
+    if policy == "fixed":  # the token budget in every layer, the deepest --train-layers trained, every step
+        assert all(h["keep_ratio"] == [0.4] * 3 and h["train"] == [False, True, True] for h in alast["history"])
+        assert alast["final_keep_tokens"] == [15] * 3  # ceil(0.4 * 36)
+    else:  # budgets start at 1: the first step keeps every token; two layers train each step
+        assert alast["history"][0]["keep_ratio"] == [1.0] * 3
+        assert all(sum(h["train"]) == 2 for h in alast["history"])
+
+
+def _write_image_folder(root, classes, per_class, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.rand(20, 20, 3, generator=g) * 60
+            pixels[..., c % 3] += 150  # each class has its own dominant colour
+            Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / name / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout", ["flat", "train_val"])
+def test_image_folder_data(tmp_path, cache_dir, layout):
+    root = tmp_path / "data"
+    classes = ["cat", "cow", "dog"]
+    if layout == "flat":
+        _write_image_folder(root, classes, per_class=8)
+        expected = (18, 6)  # a quarter of each class held out
+    else:
+        _write_image_folder(root / "train", classes, per_class=5)
+        _write_image_folder(root / "val", classes, per_class=2, seed=1)
+        expected = (15, 6)
+    record = finetune.main(TINY + ["--data", str(root), "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
+    assert record["data"]["classes"] == classes
+    assert (record["data"]["train_size"], record["data"]["test_size"]) == expected
+    assert record["start_weights"]["source"] in ("trained_now", "cache")
+    assert all(0 <= record["runs"][k]["accuracy"] <= 1 for k in ("full", "alast"))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv, message", [
+    (["--token-budget", "1.5"], "argument --token-budget: expected a number in (0, 1], got '1.5'"),
+    (["--token-budget", "0"], "expected a number in (0, 1]"),
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["--batch-size", "x"], "argument --batch-size: expected a positive integer, got 'x'"),
+    (["--policy", "magic"], "--policy: invalid choice: 'magic'"),
+    (["--token-budget", "0.3", "--min-keep", "0.4"], "--min-keep: expected at most --token-budget=0.3"),
+    (["--data", "/no/such/dir"], "--data: expected a directory"),
+    (["--checkpoint", "/no/such/file.pt"], "--checkpoint: no such file"),
+    (["--pretrained", "--checkpoint", "x.pt"], "not allowed with argument"),
+    (["--device", "banana"], "--device: Expected one of cpu, cuda"),
+])
+def test_bad_options_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        finetune.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def _exit_message(argv, tmp_path, cache_dir):
+    with pytest.raises(SystemExit) as info:
+        finetune.main(TINY + argv + ["--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
+    return str(info.value.code)
+
+
+def test_errors_found_after_parsing(tmp_path, cache_dir, monkeypatch):
+    assert "--train-layers: expected at most the model's depth 2, got 3" in \
+        _exit_message(["--train-layers", "3"], tmp_path, cache_dir)
+    assert "--model resnet18: expected a timm VisionTransformer" in \
+        _exit_message(["--model", "resnet18"], tmp_path, cache_dir)
+    assert "--model: Unknown model" in _exit_message(["--model", "no_such_vit"], tmp_path, cache_dir)
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert "cannot read it as a PyTorch state_dict" in \
+        _exit_message(["--checkpoint", str(garbage)], tmp_path, cache_dir)
+    deeper = tmp_path / "deeper.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=48, patch_size=8, depth=3).state_dict(), deeper)
+    message = _exit_message(["--checkpoint", str(deeper)], tmp_path, cache_dir)
+    assert "does not fit" in message and "blocks.2." in message
+
+    # without network the hub download fails; the job says so and names the ways out
+    real_create = timm.create_model
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(finetune.timm, "create_model", offline)
+    message = _exit_message(["--pretrained"], tmp_path, cache_dir)
+    assert message.startswith("--pretrained: could not get timm's hub weights") and "--checkpoint PATH" in message
