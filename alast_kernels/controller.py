@@ -155,8 +155,11 @@ class ALaST:
 
     # ----------------------------------------------------------------------------------------- step
     @contextlib.contextmanager
-    def step(self):
+    def step(self, update: bool = True):
         """Apply this step's plans to the blocks; on a clean exit update the budgets from the blocks' Δ.
+
+        With ``update=False`` the plan is applied but nothing is recorded or updated and the step does not
+        count: the next ``step()`` makes the same plan (for measuring a step without changing training).
 
         Parameters that do not train this step have their ``.grad`` set to ``None`` on entry, so the
         optimizer leaves them alone. Frozen embeddings have ``requires_grad`` off inside the step, so they
@@ -178,9 +181,10 @@ class ALaST:
         self.overhead_seconds += time.perf_counter() - start
         try:
             yield plan
-            start = time.perf_counter()
-            self._finish(plan)
-            self.overhead_seconds += time.perf_counter() - start
+            if update:
+                start = time.perf_counter()
+                self._finish(plan)
+                self.overhead_seconds += time.perf_counter() - start
         finally:
             for blk in self.blocks:
                 blk.alast_plan = None

@@ -10,11 +10,10 @@ accuracy, wall time, training FLOPs, peak activation memory) and ALaST's last pe
 layers) to ``--out``.
 
 How the costs are measured: on ``--probes`` training steps spread evenly over each run, one extra
-forward+backward on that step's batch is measured and then undone (gradients dropped, the controller's
-state restored), so the measured steps make the same plans as the real ones and do not count in the wall
-time. FLOPs: ``alast_kernels.measure.count_flops`` of forward+backward, attention run through PyTorch's
-math backend so that it is counted on the CPU too; the total is the mean over the probes × the number of
-steps. Memory: on the CPU the bytes autograd saves for backward during the forward
+forward+backward on that step's batch is measured under that step's plan (``alast.step(update=False)``)
+and its gradients dropped, so training is unchanged and the probes do not count in the wall time.
+FLOPs: ``alast_kernels.measure.count_flops`` of forward+backward (matmuls, convolution and attention,
+whose fused backward recomputes q·kᵀ); the total is the mean over the probes × the number of steps. Memory: on the CPU the bytes autograd saves for backward during the forward
 (``saved_activation_bytes``), on CUDA the rise of the allocator's peak over forward+backward
 (``peak_cuda_memory``); the table shows the maximum over the probes. Wall time: the training steps only
 (forward, backward, optimiser), without data rendering, probes and evaluation.
@@ -37,7 +36,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import timm
 from timm.models.vision_transformer import VisionTransformer
@@ -380,31 +378,23 @@ def evaluate(model: torch.nn.Module, data: TensorImages, device: torch.device, b
 
 def measure_step(model, alast, x, y, device: torch.device) -> Dict:
     """FLOPs and activation memory of one training step on ``(x, y)``, leaving model and controller as they were."""
-    state = alast.state_dict() if alast is not None else None
-    overhead = alast.overhead_seconds if alast is not None else 0.0
 
     def in_step(fn):
         if alast is None:
             return fn()
-        with alast.step():
-            result = fn()
-        alast.load_state_dict(state)  # undo the budget update: the real step makes this same plan
-        return result
+        with alast.step(update=False):  # this step's plan, without recording or updating the budgets
+            return fn()
 
     def forward_backward():
         F.cross_entropy(model(x), y).backward()
 
-    # On the CPU PyTorch's fused attention kernel has no FLOP formula; the math backend is counted.
-    with sdpa_kernel(SDPBackend.MATH):
-        flops = in_step(lambda: count_flops(forward_backward))
+    flops = in_step(lambda: count_flops(forward_backward))
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         memory = in_step(lambda: peak_cuda_memory(forward_backward, device))
     else:
         memory = in_step(lambda: saved_activation_bytes(lambda: F.cross_entropy(model(x), y), model.parameters()))
     model.zero_grad(set_to_none=True)
-    if alast is not None:
-        alast.overhead_seconds = overhead
     return {"flops": flops, "activation_bytes": memory}
 
 

@@ -94,14 +94,16 @@ def _full_step_flops(batch, depth, dim, num_patches, patch, classes):
     """Forward+backward FLOPs of full fine-tuning of a plain ViT, derived by hand.
 
     Forward: per block 2·B·N·12·D² for qkv, proj, fc1, fc2 and 4·B·N²·D for q·kᵀ and p·v; the patch
-    embedding 2·B·Np·(3·p²)·D; the head 2·B·D·C. Backward doubles everything except the patch embedding,
-    whose input (the image) needs no gradient: only its weight gradient, once more.
+    embedding 2·B·Np·(3·p²)·D; the head 2·B·D·C. Backward doubles the matmuls except the patch
+    embedding's, whose input (the image) needs no gradient: only its weight gradient, once more. The
+    fused attention backward recomputes q·kᵀ: five products of the forward's size, 2.5× the forward.
     """
     n = num_patches + 1
-    blocks = depth * (2 * batch * n * 12 * dim * dim + 4 * batch * n * n * dim)
+    linear = depth * 2 * batch * n * 12 * dim * dim
+    attention = depth * 4 * batch * n * n * dim
     embed = 2 * batch * num_patches * 3 * patch * patch * dim
     head = 2 * batch * dim * classes
-    return 3 * (blocks + head) + 2 * embed
+    return 3 * (linear + head) + 2 * embed + 3.5 * attention
 
 
 # ---------------------------------------------------------------------------------------------- the job
