@@ -114,11 +114,14 @@ class ALaST:
         self.history: List[Dict] = []
         self.overhead_seconds = 0.0  # time spent in the controller's own bookkeeping
         self._pending: Optional[StepPlan] = None
+        self._generator_state: Optional[torch.Tensor] = None  # generator state the pending plan was drawn from
 
     # ---------------------------------------------------------------------------------------- plans
     def plan(self) -> StepPlan:
         """The plan of the next step (drawn once; ``step()`` applies it)."""
         if self._pending is None:
+            # The state the plan was drawn from: a resumed run must draw the same plan again.
+            self._generator_state = self.generator.get_state()
             self._pending = self._make_plan()
         return self._pending
 
@@ -214,7 +217,8 @@ class ALaST:
         return {
             "policy": self.policy, "num_layers": len(self.blocks), "budgets": list(self.budgets),
             "previous_deltas": None if self.previous_deltas is None else list(self.previous_deltas),
-            "step": self.step_count, "generator": self.generator.get_state(), "history": list(self.history),
+            "step": self.step_count, "history": list(self.history),
+            "generator": self._generator_state if self._pending is not None else self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Dict) -> None:

@@ -348,6 +348,24 @@ def test_a_failed_step_changes_no_budget():
             pass  # no forward pass: nothing to update the budgets from
 
 
+def test_a_step_without_update_applies_the_plan_and_changes_nothing():
+    model = tiny()
+    ctrl = ALaST(model, token_budget=0.5, train_layers=2, sample=True, seed=3)
+    data = batches(2)
+    train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.1), data[:1])
+    before = ctrl.state_dict()
+    with ctrl.step(update=False) as probe:
+        model(data[1][0]).sum().backward()
+        assert [blk.alast_plan.train for blk in model.blocks] == probe.train
+    assert [blk.alast_keep for blk in model.blocks] == [math.ceil(r * NP) for r in probe.keep_ratios]
+    after = ctrl.state_dict()
+    assert after["budgets"] == before["budgets"] and after["step"] == before["step"] == 1
+    assert len(after["history"]) == 1 and torch.equal(after["generator"], before["generator"])
+    with ctrl.step() as real:
+        model(data[1][0]).sum().backward()
+    assert real == probe  # the counted step makes the plan the probe ran
+
+
 @pytest.mark.parametrize("kwargs,prefix", [({"reg_tokens": 3}, 4), ({"no_embed_class": True}, 1)])
 def test_prefix_tokens_through_the_controller(kwargs, prefix):
     model = tiny(**kwargs)
