@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -10,6 +11,17 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -27,7 +39,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        device = f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     return {
         "device": device, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
         "python": platform.python_version(), "commit": commit,
