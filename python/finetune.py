@@ -53,57 +53,28 @@ PRETRAIN_VERSION = 1  # bump when the pretraining recipe changes, so old cached 
 
 
 # ------------------------------------------------------------------------------------------- options
-def _fraction(name: str):
-    def parse(text: str) -> float:
+def _number(kind, accept, expected: str, name: str):
+    """An argparse ``type`` converting with ``kind`` and rejecting values ``accept`` refuses."""
+    def parse(text: str):
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-        if not (0 < value <= 1):
-            raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+            value = None
+        if value is None or not math.isfinite(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
-    parse.__name__ = name
+    parse.__name__ = name  # argparse names the type in its messages
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+_positive = _number(int, lambda v: v >= 1, "a positive integer", "positive integer")
+_non_negative = _number(int, lambda v: v >= 0, "an integer >= 0", "integer >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a positive number", "positive number")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0", "number >= 0")
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+def _fraction(name: str):
+    return _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]", name)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
