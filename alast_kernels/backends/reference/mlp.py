@@ -57,21 +57,33 @@ class MaskedLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def mlp_forward(ctx, x, w1, b1, w2, b2, train: bool, approximate: str, gelu) -> torch.Tensor:
+    """The masked MLP's forward for any backend's ``autograd.Function``; ``gelu(pre, approximate)`` is the
+    backend's GELU. Saves ``(x if fc1 trains, pre, w1, w2)`` in the compute dtype and sets on ``ctx`` what
+    backward needs: ``train_w1``, ``train_w2``, ``approximate``, ``x_shape``, ``param_dtypes``."""
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        xc, w1c, w2c = _cast(x, dtype), _cast(w1, dtype), _cast(w2, dtype)
+        pre = F.linear(xc, w1c, _cast(b1, dtype)).contiguous()
+        y = F.linear(gelu(pre, approximate), w2c, _cast(b2, dtype))
+    needs = ctx.needs_input_grad
+    ctx.train_w1 = train and (needs[1] or needs[2])
+    ctx.train_w2 = train and (needs[3] or needs[4])
+    ctx.approximate = approximate
+    ctx.x_shape = x.shape
+    ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (w1, b1, w2, b2))
+    ctx.save_for_backward(xc if ctx.train_w1 else None, pre, w1c, w2c)
+    return y
+
+
+def _torch_gelu(pre: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(pre, approximate=approximate)
+
+
 class MaskedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, train: bool, approximate: str):
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xc, w1c, w2c = _cast(x, dtype), _cast(w1, dtype), _cast(w2, dtype)
-            pre = F.linear(xc, w1c, _cast(b1, dtype))
-            y = F.linear(F.gelu(pre, approximate=approximate), w2c, _cast(b2, dtype))
-        needs = ctx.needs_input_grad
-        ctx.train_w1 = train and (needs[1] or needs[2])
-        ctx.train_w2 = train and (needs[3] or needs[4])
-        ctx.approximate = approximate
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (w1, b1, w2, b2))
-        ctx.save_for_backward(xc if ctx.train_w1 else None, pre, w1c, w2c)
-        return y
+        return mlp_forward(ctx, x, w1, b1, w2, b2, train, approximate, _torch_gelu)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -19,11 +19,10 @@ gradient dtypes follow ``backends/reference/mlp.py`` exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..reference.mlp import _cast, _compute_dtype, _rows, masked_linear  # noqa: F401  (masked_linear: OPS)
+from ..reference.mlp import _compute_dtype, _rows, masked_linear, mlp_forward  # noqa: F401  (masked_linear: OPS)
 from ..reference.mlp import masked_mlp as _reference_masked_mlp
 from . import _common
 
@@ -117,19 +116,7 @@ def _gelu_backward_(g: torch.Tensor, pre: torch.Tensor, approximate: str, write_
 class MaskedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, train: bool, approximate: str):
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xc, w1c, w2c = _cast(x, dtype), _cast(w1, dtype), _cast(w2, dtype)
-            pre = F.linear(xc, w1c, _cast(b1, dtype)).contiguous()
-            y = F.linear(_gelu(pre, approximate), w2c, _cast(b2, dtype))
-        needs = ctx.needs_input_grad
-        ctx.train_w1 = train and (needs[1] or needs[2])
-        ctx.train_w2 = train and (needs[3] or needs[4])
-        ctx.approximate = approximate
-        ctx.x_shape = x.shape
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (w1, b1, w2, b2))
-        ctx.save_for_backward(xc if ctx.train_w1 else None, pre, w1c, w2c)
-        return y
+        return mlp_forward(ctx, x, w1, b1, w2, b2, train, approximate, _gelu)
 
     @staticmethod
     @_common.on_tensor_device
