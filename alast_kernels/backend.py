@@ -90,12 +90,20 @@ def unavailable_reason(name: str, op: str, device: torch.device) -> Optional[str
 def _warn_once(key: tuple, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def implementation(op: str, device: torch.device) -> Callable:
     """The callable that runs ``op`` for tensors on ``device`` under the current backend choice."""
-    choice = get_backend()
+    return _modules[_choose(op, torch.device(device).type, get_backend())].OPS[op]
+
+
+# Under torch.compile the choice (which imports backend modules on first use) runs eagerly at trace time
+# and its result, a backend name, is baked into the graph: an import cannot be traced, even with
+# fullgraph=True from a cold start. Its arguments are all it depends on, so the graph stays right.
+@torch._dynamo.assume_constant_result
+def _choose(op: str, device_type: str, choice: str) -> str:
+    device = torch.device(device_type)
     if choice == "auto":
         if device.type == "cuda":
             candidates = AUTO_ORDER_CUDA.get(op, _DEFAULT_CUDA_ORDER)
@@ -114,6 +122,6 @@ def implementation(op: str, device: torch.device) -> Callable:
             if first_reason is not None and (choice != "auto" or name == "reference"):
                 _warn_once((candidates[0], op, first_reason),
                            f"alast_kernels: {op} falls back to the {name} backend: {first_reason}")
-            return _modules[name].OPS[op]
+            return name
         first_reason = first_reason or reason
     raise RuntimeError(f"alast_kernels: no backend can run {op!r} on {device}: {first_reason}")
