@@ -4,7 +4,7 @@
 them every step, and :mod:`alast_kernels.ops` holds the fused ops behind them, with the backend chosen
 by :func:`set_backend` or ``ALAST_BACKEND``.
 """
-from . import _extension, ops
+from . import _extension, methods, ops
 from ._version import __version__
 from .backend import get_backend, set_backend
 from .block import BlockPlan, ViTBlock
@@ -15,5 +15,5 @@ from .convert import convert, restore
 # torch/CUDA/Python; the cuda backend is then skipped.
 _extension.check_build()
 
-__all__ = ["ALaST", "BlockPlan", "StepPlan", "ViTBlock", "convert", "restore", "ops", "set_backend",
+__all__ = ["ALaST", "BlockPlan", "StepPlan", "ViTBlock", "convert", "restore", "methods", "ops", "set_backend",
            "get_backend", "__version__"]
