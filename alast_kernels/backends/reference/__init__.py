@@ -6,6 +6,7 @@ import torch
 
 from .attention import attention
 from .mlp import masked_linear, masked_mlp
+from .query_attention import query_attention
 from .scores import cls_scores
 from .select import select_tokens
 from .tokens import gather_layer_norm, gather_tokens, scatter_tokens
@@ -19,6 +20,7 @@ OPS = {
     "cls_scores": cls_scores,
     "masked_linear": masked_linear,
     "masked_mlp": masked_mlp,
+    "query_attention": query_attention,
 }
 
 
