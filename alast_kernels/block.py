@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, LayerNorm as TimmLayerNorm, Mlp
 from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
 from timm.models.vision_transformer import Block
 
@@ -101,9 +101,13 @@ def _hooked(module: nn.Module) -> bool:
                 or nn.modules.module._global_forward_pre_hooks)
 
 
-def _plain(module: nn.Module, cls: type) -> bool:
-    """``module`` is exactly a ``cls`` (no subclass) and has no hooks: a fused op may replace its call."""
-    return type(module) is cls and not _hooked(module)
+# timm's own LayerNorm (its ViTs' default) computes F.layer_norm like nn.LayerNorm: both are exact types.
+_LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
+
+
+def _plain(module: nn.Module, types) -> bool:
+    """``module`` is exactly one of ``types`` (no subclass) and has no hooks: a fused op may replace its call."""
+    return type(module) in (types if isinstance(types, tuple) else (types,)) and not _hooked(module)
 
 
 def _gelu_approximation(act: nn.Module) -> Optional[str]:
@@ -137,7 +141,7 @@ def _linear(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
 
 
 def _layer_norm(norm: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
-    if _plain(norm, nn.LayerNorm):
+    if _plain(norm, _LAYER_NORMS):
         return F.layer_norm(x, norm.normalized_shape, _param(norm.weight, train), _param(norm.bias, train),
                             norm.eps)
     return _run(norm, train, x)
@@ -225,7 +229,7 @@ class ViTBlock(Block):
         if keep < num_patches:
             idx = ops.select_tokens(self.token_scores(x), keep, self.num_prefix_tokens)
             norm1 = self.norm1
-            if _plain(norm1, nn.LayerNorm):
+            if _plain(norm1, _LAYER_NORMS):
                 x_kept, h = ops.gather_layer_norm(x, idx, _param(norm1.weight, train), _param(norm1.bias, train),
                                                   norm1.eps, check_indices=False)
             else:
@@ -296,7 +300,7 @@ class ViTBlock(Block):
         attn = self.attn
         q_norm = None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm
         k_norm = None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm
-        if _plain(self.norm1, nn.LayerNorm) and _plain(attn.qkv, nn.Linear):
+        if _plain(self.norm1, _LAYER_NORMS) and _plain(attn.qkv, nn.Linear):
             return ops.cls_scores(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
                                   attn.num_heads, eps=self.norm1.eps, scale=attn.scale, q_norm=q_norm,
                                   k_norm=k_norm)
