@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from .block import ViTBlock, check_supported
+from .distributed import is_fsdp
 from .vit import find_vit, model_blocks, num_prefix_tokens
 
 __all__ = ["convert", "restore", "PlannedBlocks"]
@@ -54,7 +55,11 @@ def convert(model: nn.Module) -> nn.Module:
     vit = find_vit(model)
     blocks = model_blocks(vit)
     for i, blk in enumerate(blocks):
-        if type(blk) not in (Block, ViTBlock):
+        # A ViTBlock sharded by FSDP2 (`fully_shard`) is an instance of a subclass FSDP made of it.
+        if type(blk) is not Block and not isinstance(blk, ViTBlock):
+            if isinstance(blk, Block) and is_fsdp(blk):
+                raise NotImplementedError(f"model.blocks[{i}] was sharded by fully_shard before convert: call "
+                                          f"ak.convert(model) (or create the ALaST controller) first, then shard")
             raise NotImplementedError(f"model.blocks[{i}] is a {type(blk).__name__}: convert handles timm's Block only")
         check_supported(blk)
     num_prefix = num_prefix_tokens(vit)

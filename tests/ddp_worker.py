@@ -1,7 +1,7 @@
 """One rank of the multi-process ALaST test (``tests/test_ddp.py`` runs it under torchrun, gloo on the CPU).
 
-Every rank trains the same tiny ViT, wrapped in ``DistributedDataParallel(find_unused_parameters=True)``,
-on batches of its own for ``--steps`` steps, and writes what it saw to ``OUT/rank<r>.pt``: each step's plan,
+Every rank trains the same tiny ViT, wrapped in ``DistributedDataParallel(find_unused_parameters=True)``
+(or, with ``--fsdp``, sharded by FSDP2's ``fully_shard``), on batches of its own for ``--steps`` steps, and writes what it saw to ``OUT/rank<r>.pt``: each step's plan,
 whether every block frozen in a step kept its parameters bit for bit, and the final parameters.
 
 ``--seed-per-rank`` gives each rank another controller seed (the controller must still agree on rank 0's);
@@ -50,13 +50,23 @@ def main():
     p.add_argument("--seed-per-rank", action="store_true")
     p.add_argument("--no-agreement", action="store_true")
     p.add_argument("--sgd", action="store_true", help="SGD with momentum instead of AdamW")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the model)")
     args = p.parse_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     model = tiny_vit()
-    ddp = DDP(model, find_unused_parameters=True)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world,))
+        ak.convert(model)  # before sharding: FSDP2 makes its own subclass of each block's class
+        for blk in model.blocks:
+            fully_shard(blk, mesh=mesh)
+        ddp = fully_shard(model, mesh=mesh)
+    else:
+        ddp = DDP(model, find_unused_parameters=True)
     options = {"policy": args.policy, "sample": args.sample, "token_budget": 0.5, "train_layers": 2,
                "alpha": 0.5, "seed": rank if args.seed_per_rank else 0}
     if args.policy == "fixed":
@@ -79,8 +89,9 @@ def main():
         opt.zero_grad(set_to_none=True)
         plans.append((plan.keep_ratios, plan.train, ctrl.history[-1]["keep"]))
         frozen_unchanged.append(all(torch.equal(p, b) for p, b in zip(frozen, before)))
+    full = (lambda p: p.full_tensor()) if args.fsdp else (lambda p: p)
     torch.save({"plans": plans, "frozen_unchanged": frozen_unchanged, "budgets": ctrl.budgets,
-                "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
+                "params": {n: full(p).detach().clone() for n, p in model.named_parameters()}},
                os.path.join(args.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -517,3 +517,20 @@ def test_ddp_without_find_unused_parameters_is_refused_with_what_to_pass(tmp_pat
         assert len(ctrl.history) == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_blocks_sharded_before_convert_are_refused_with_the_order_to_use(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        model = tiny()
+        mesh = init_device_mesh("cpu", (1,))
+        for blk in model.blocks:
+            fully_shard(blk, mesh=mesh)
+        with pytest.raises(NotImplementedError, match="before convert"):
+            ALaST(model)
+    finally:
+        dist.destroy_process_group()

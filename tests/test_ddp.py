@@ -1,4 +1,5 @@
-"""ALaST across processes: two ranks under torchrun (gloo, CPU), each on its own batches, for 20 steps.
+"""ALaST across processes: two ranks under torchrun (gloo, CPU), each on its own batches, for 20 steps, with
+DistributedDataParallel and with FSDP2 (``fully_shard``).
 
 Every rank must make the same plan at every step (for every policy, even with another seed per rank),
 keep the blocks it freezes unchanged, and end with the same parameters; with the ``fixed`` plan that keeps
@@ -32,8 +33,9 @@ def run_ranks(tmp_path, *args, world=2):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("policy,extra", [("alast", []), ("alast", ["--sample"]), ("paper", [])],
-                         ids=["alast", "alast-sampled", "paper"])
+@pytest.mark.parametrize("policy,extra", [("alast", []), ("alast", ["--sample"]), ("paper", []),
+                                          ("alast", ["--sample", "--fsdp"])],
+                         ids=["alast", "alast-sampled", "paper", "fsdp2-alast-sampled"])
 def test_every_rank_makes_the_same_plan_and_frozen_blocks_do_not_move(tmp_path, policy, extra):
     r0, r1 = run_ranks(tmp_path, "--policy", policy, "--seed-per-rank", *extra)
     assert len(r0["plans"]) == 20
@@ -50,10 +52,11 @@ def test_the_harness_sees_ranks_that_plan_on_their_own(tmp_path):
     assert r0["plans"] != r1["plans"]
 
 
-def test_fixed_full_plan_equals_one_process_on_both_batches(tmp_path):
+@pytest.mark.parametrize("wrapper", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_fixed_full_plan_equals_one_process_on_both_batches(tmp_path, wrapper):
     # SGD: AdamW would turn the rounding noise of gradients that are zero in exact arithmetic (the key
     # bias's) into full-size steps of either sign, in both runs alike but not identically.
-    r0, r1 = run_ranks(tmp_path, "--policy", "fixed", "--sgd")
+    r0, r1 = run_ranks(tmp_path, "--policy", "fixed", "--sgd", *wrapper)
     model = ddp_worker.tiny_vit()
     ctrl = ak.ALaST(copy.deepcopy(model), policy="fixed", keep_ratios=[1.0] * 4, train=[True] * 4,
                     train_embeddings=True)
