@@ -10,18 +10,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, LayerNorm as TimmLayerNorm, Mlp
 from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
 from timm.models.vision_transformer import Block
 
 from . import ops
+from .backends.reference.attention import cls_probabilities
 
 __all__ = ["BlockPlan", "ViTBlock"]
 
@@ -31,23 +32,47 @@ class BlockPlan:
     """What one block does this step.
 
     keep_ratio: fraction of the non-prefix tokens the block processes, in (0, 1]; the count is
-        ``ceil(keep_ratio · Np)`` clamped to ``[1, Np]``, taken at forward time from the input's ``Np``.
+        ``ceil(keep_ratio · Np)`` clamped to ``[1, Np]``.
     train: whether the block's parameters get gradients.
     grad_input: whether anything below the block needs the gradient of its input. A block with neither
         ``train`` nor ``grad_input`` runs without an autograd graph.
+    num_patches: the ``Np`` the plan is made for (the model's patch count), or ``None``. When given, the
+        keep count is computed here, once, outside any code ``torch.compile`` traces, and reaches the block
+        as the size of a tensor that is marked dynamic, so a compiled block neither sees the float ratio nor
+        recompiles for every new count. An input with another ``Np`` (a model with dynamic image size) has
+        its count computed from the ratio at forward time.
     """
     keep_ratio: float = 1.0
     train: bool = True
     grad_input: bool = True
+    num_patches: Optional[int] = None
+    keep: Optional[int] = field(default=None, init=False)
+    _keep_size: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         r = self.keep_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
             raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
+        n = self.num_patches
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
+            keep = _keep_count(r, n)
+            size = torch.empty(keep, 0)  # no storage: only its size matters
+            torch._dynamo.maybe_mark_dynamic(size, 0)
+            object.__setattr__(self, "keep", keep)
+            object.__setattr__(self, "_keep_size", size)
 
     def keep_count(self, num_patches: int) -> int:
-        # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
-        return min(num_patches, max(1, math.ceil(self.keep_ratio * num_patches - 1e-9)))
+        """Patch tokens kept out of ``num_patches`` (a dynamic size under ``torch.compile``)."""
+        if num_patches == self.num_patches:
+            return self._keep_size.shape[0]
+        return _keep_count(self.keep_ratio, num_patches)
+
+
+def _keep_count(ratio: float, num_patches: int) -> int:
+    # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
+    return min(num_patches, max(1, math.ceil(ratio * num_patches - 1e-9)))
 
 
 # Block keywords a ViTBlock honours; any other keyword Block has must keep its default value.
@@ -70,11 +95,30 @@ def check_supported(block: nn.Module) -> None:
         raise NotImplementedError(f"attn_layer={type(attn).__name__}: ViTBlock supports timm's Attention only")
     if getattr(attn, "gate", None) is not None:
         raise NotImplementedError("gated attention (Attention.gate): not supported by ViTBlock")
-    if not isinstance(attn.qkv, nn.Linear) or not isinstance(attn.proj, nn.Linear):
-        raise NotImplementedError("attn.qkv/attn.proj: ViTBlock needs nn.Linear projections")
+
+
+# ------------------------------------------------------------------------------ module or fused op
+# A fused op stands in for a module only when the module is exactly the type the op implements and
+# nothing observes its call: anything else — a peft/loralib LoRA layer, a subclass, a quantised linear,
+# a module with hooks — is called as a module, so whatever it adds is computed and trained.
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+# timm's own LayerNorm (its ViTs' default) computes F.layer_norm like nn.LayerNorm: both are exact types.
+_LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
+
+
+def _plain(module: nn.Module, types) -> bool:
+    """``module`` is exactly one of ``types`` (no subclass) and has no hooks: a fused op may replace its call."""
+    return type(module) in (types if isinstance(types, tuple) else (types,)) and not _hooked(module)
 
 
 def _gelu_approximation(act: nn.Module) -> Optional[str]:
+    if _hooked(act):
+        return None
     if type(act) is nn.GELU:
         return act.approximate
     if type(act) is TimmGELU:
@@ -96,11 +140,28 @@ def _run(module: nn.Module, train: bool, *args):
     return functional_call(module, frozen, args)
 
 
+def _linear(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
+    if _plain(module, nn.Linear):
+        return ops.masked_linear(x, module.weight, module.bias, train)
+    return _run(module, train, x)
+
+
 def _layer_norm(norm: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
-    if isinstance(norm, nn.LayerNorm):
+    if _plain(norm, _LAYER_NORMS):
         return F.layer_norm(x, norm.normalized_shape, _param(norm.weight, train), _param(norm.bias, train),
                             norm.eps)
     return _run(norm, train, x)
+
+
+def _fused_mlp_approximation(mlp: nn.Module, training: bool) -> Optional[str]:
+    """GELU's ``approximate`` when ``mlp`` is a plain timm ``Mlp`` that ``ops.masked_mlp`` computes exactly,
+    else ``None`` (the module is called)."""
+    if not (_plain(mlp, Mlp) and _plain(mlp.fc1, nn.Linear) and _plain(mlp.fc2, nn.Linear)
+            and _plain(mlp.norm, nn.Identity)):
+        return None
+    if training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
+        return None
+    return _gelu_approximation(mlp.act)
 
 
 class ViTBlock(Block):
@@ -113,6 +174,9 @@ class ViTBlock(Block):
 
     x: ``(B, N, D)`` with ``num_prefix_tokens`` prefix tokens first (set by :func:`alast_kernels.convert`
     from the model; 1 by default).
+
+    Its parts — :meth:`attend` (the attention branch), :meth:`feed_forward` (the MLP branch) and
+    :meth:`token_scores` — are what other methods (token fuse, adapters) build their blocks from.
     """
 
     def __init__(self, dim: int, num_heads: int, *args, **kwargs):
@@ -132,8 +196,21 @@ class ViTBlock(Block):
         """Set the ALaST state on a block (called by the constructor and by ``convert``)."""
         self.num_prefix_tokens = num_prefix_tokens
         self.alast_plan: Optional[BlockPlan] = None
-        self.alast_importance: Optional[torch.Tensor] = None  # Δ of the last planned forward, float32
-        self.alast_keep: Optional[int] = None  # tokens kept by the last planned forward
+        # What the planned forwards of a step measured: float32 [Σ Δ, forwards, Σ keep], added to in place
+        # (so a compiled block records it without a guard on its value); reset by `ALaST.step()`.
+        self.alast_stats: Optional[torch.Tensor] = None
+
+    @property
+    def alast_importance(self) -> Optional[torch.Tensor]:
+        """Mean Δ (class-token movement) over the planned forwards recorded in :attr:`alast_stats`."""
+        stats = self.alast_stats
+        return None if stats is None or stats[1].item() == 0 else stats[0] / stats[1]
+
+    @property
+    def alast_keep(self) -> Optional[int]:
+        """Patch tokens the recorded planned forwards kept (their mean, rounded)."""
+        stats = self.alast_stats
+        return None if stats is None or stats[1].item() == 0 else round((stats[2] / stats[1]).item())
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -158,62 +235,100 @@ class ViTBlock(Block):
         with torch.no_grad() if no_graph else contextlib.nullcontext():
             if not plan.grad_input:
                 x = x.detach()
-            out, delta_cls = self._forward_tokens(x, keep, num_patches, train=plan.train)
-        self.alast_importance = delta_cls.detach().float().pow(2).sum(-1).mean()
-        self.alast_keep = keep
+            # Compiled, a planned block always selects: one graph for every keep count, `keep == Np` included.
+            out, delta_cls = self._forward_tokens(x, keep, num_patches, train=plan.train,
+                                                  select=torch.compiler.is_compiling())
+        with torch.no_grad():
+            if self.alast_stats is None:
+                self.alast_stats = torch.zeros(3, dtype=torch.float32, device=x.device)
+            delta = delta_cls.float().pow(2).sum(-1).mean()
+            self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, keep)]))
         return out
 
-    def _forward_tokens(self, x: torch.Tensor, keep: int, num_patches: int, train: bool):
-        """The block on the prefix and ``keep`` selected tokens; returns (output, class-token update)."""
-        norm1 = self.norm1
-        selecting = keep < num_patches
-        if selecting:
-            if not isinstance(norm1, nn.LayerNorm):
-                raise NotImplementedError(f"norm_layer={type(norm1).__name__}: token selection needs a LayerNorm")
-            idx = ops.select_tokens(self.token_scores(x), keep, self.num_prefix_tokens)
-            x_kept, h = ops.gather_layer_norm(x, idx, _param(norm1.weight, train), _param(norm1.bias, train),
-                                              norm1.eps, check_indices=False)
-        else:
-            x_kept, h = x, _layer_norm(norm1, x, train)
+    def _forward_tokens(self, x: torch.Tensor, keep: int, num_patches: int, train: bool, select: bool = False):
+        """The block on the prefix and ``keep`` selected tokens; returns (output, class-token update).
 
-        # Under autocast the branches come back in the autocast dtype while the residual stream keeps x's:
-        # cast each branch once, as timm's `x + a` promotes it, so its gradient is summed in x's dtype.
-        a = self.drop_path1(_run(self.ls1, train, self._attention(h, train))).to(x.dtype)
-        y = x_kept + a
-        m = self.drop_path2(_run(self.ls2, train, self._mlp(_layer_norm(self.norm2, y, train), train))).to(x.dtype)
-        if selecting:
+        ``keep == num_patches`` runs every token without selecting, unless ``select``."""
+        if select or keep < num_patches:
+            idx = ops.select_tokens(self.token_scores(x), keep, self.num_prefix_tokens)
+            norm1 = self.norm1
+            if _plain(norm1, _LAYER_NORMS):
+                x_kept, h = ops.gather_layer_norm(x, idx, _param(norm1.weight, train), _param(norm1.bias, train),
+                                                  norm1.eps, check_indices=False)
+            else:
+                x_kept = ops.gather_tokens(x, idx, check_indices=False)
+                h = _run(norm1, train, x_kept)
+            a, _ = self.attend(x_kept, train, normed=h)
+            m = self.feed_forward(x_kept + a, train)
             delta = a + m
             return ops.scatter_tokens(x, idx, delta, check_indices=False), delta[:, 0]
+        a, _ = self.attend(x, train)
+        y = x + a
+        m = self.feed_forward(y, train)
         return y + m, a[:, 0] + m[:, 0]
 
-    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 ``(B, N)`` class-token attention scores of ``x`` under this block's own projections."""
-        attn = self.attn
-        q_norm = None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm
-        k_norm = None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm
-        return ops.cls_scores(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                              attn.num_heads, eps=self.norm1.eps, scale=attn.scale, q_norm=q_norm,
-                              k_norm=k_norm)
+    # ------------------------------------------------------------------------------------- parts
+    def attend(self, x: torch.Tensor, train: bool = True, *, normed: Optional[torch.Tensor] = None,
+               return_cls: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The attention branch ``drop_path1(ls1(attn(norm1(x))))`` — without the residual.
 
-    def _attention(self, h: torch.Tensor, train: bool) -> torch.Tensor:
+        x: ``(B, N, D)``; ``normed``: ``norm1(x)`` when the caller already has it. ``train=False`` gives the
+        block's parameters no gradient and keeps only what the input gradient needs. Returns the branch in
+        ``x``'s dtype (under autocast the branch is cast once, as timm's ``x + a`` promotes it, so its
+        gradient is summed in ``x``'s dtype) and, with ``return_cls``, the float32 ``(B, N)`` head mean of
+        the class token's attention probabilities over all tokens (no gradient), else ``None``.
+        """
+        h = _layer_norm(self.norm1, x, train) if normed is None else normed
         attn = self.attn
         B, K, _ = h.shape
-        qkv = ops.masked_linear(h, attn.qkv.weight, attn.qkv.bias, train)
+        qkv = _linear(attn.qkv, h, train)
         q, k, v = qkv.view(B, K, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = _run(attn.q_norm, train, q), _run(attn.k_norm, train, k)
+        cls = None
         if self.training and attn.attn_drop.p > 0:
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p, scale=attn.scale)
+            if return_cls:
+                cls = cls_probabilities(q, k, attn.scale)
+        elif return_cls:
+            o, cls = ops.attention(q, k, v, scale=attn.scale, return_cls=True)
         else:
             o = ops.attention(q, k, v, scale=attn.scale)
         o = _run(attn.norm, train, o.transpose(1, 2).reshape(B, K, attn.attn_dim))
-        return attn.proj_drop(ops.masked_linear(o, attn.proj.weight, attn.proj.bias, train))
+        o = attn.proj_drop(_linear(attn.proj, o, train))
+        return self.drop_path1(_run(self.ls1, train, o)).to(x.dtype), cls
 
-    def _mlp(self, h: torch.Tensor, train: bool) -> torch.Tensor:
+    def feed_forward(self, y: torch.Tensor, train: bool = True) -> torch.Tensor:
+        """The MLP branch ``drop_path2(ls2(mlp(norm2(y))))`` in ``y``'s dtype — without the residual.
+
+        y: ``(B, N, D)``. A plain timm ``Mlp`` with a known GELU runs as one fused op; any other MLP is
+        called as a module.
+        """
+        h = _layer_norm(self.norm2, y, train)
         mlp = self.mlp
-        fused = (type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
-                 and isinstance(mlp.norm, nn.Identity) and _gelu_approximation(mlp.act) is not None
-                 and not (self.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
-        if not fused:
-            return _run(mlp, train, h)
-        return ops.masked_mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, train,
-                              _gelu_approximation(mlp.act))
+        approximate = _fused_mlp_approximation(mlp, self.training)
+        if approximate is None:
+            m = _run(mlp, train, h)
+        else:
+            m = ops.masked_mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, train, approximate)
+        return self.drop_path2(_run(self.ls2, train, m)).to(y.dtype)
+
+    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 ``(B, N)`` class-token attention scores of ``x`` under this block's own projections.
+
+        With a plain ``nn.LayerNorm`` ``norm1`` and a plain ``nn.Linear`` ``qkv`` the scores come from one
+        ``D``-vector per image and head (the keys are never projected); otherwise (a LoRA or other wrapped
+        ``qkv``, another norm) ``norm1`` and ``qkv`` are called as modules and every key is projected, so the
+        scores are those of the block as it computes.
+        """
+        attn = self.attn
+        q_norm = None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm
+        k_norm = None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm
+        if _plain(self.norm1, _LAYER_NORMS) and _plain(attn.qkv, nn.Linear):
+            return ops.cls_scores(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                                  attn.num_heads, eps=self.norm1.eps, scale=attn.scale, q_norm=q_norm,
+                                  k_norm=k_norm)
+        with torch.no_grad():
+            B, N, _ = x.shape
+            qkv = attn.qkv(self.norm1(x)).view(B, N, 3, attn.num_heads, attn.head_dim)
+            q, k = attn.q_norm(qkv[:, :1, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+            return cls_probabilities(q, k, attn.scale)

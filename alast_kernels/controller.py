@@ -20,14 +20,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import policies
+from . import distributed, policies
 from .block import BlockPlan, ViTBlock
-from .convert import convert, model_blocks
+from .convert import convert
+from .vit import embedding_parameters, find_vit, model_blocks
 
 __all__ = ["ALaST", "StepPlan"]
 
 POLICIES = ("alast", "paper", "fixed")
-_EMBEDDING_NAMES = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre")
+# What a saved state must agree on with the controller that loads it.
+_CONFIG = ("policy", "num_layers", "token_budget", "train_layers", "alpha", "min_keep", "sample",
+           "train_embeddings")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class StepPlan:
     train: List[bool]
     grad_input: List[bool]
     budgets: List[float]
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _check_fraction(name: str, value) -> float:
@@ -51,8 +58,10 @@ class ALaST:
     """Adaptive Layer Selection for a timm ``VisionTransformer`` (DESIGN.md §2).
 
     Args:
-        model: a timm ``VisionTransformer`` with a class token. Its blocks are converted to
-            :class:`ViTBlock` in place if they are not already.
+        model: a timm ``VisionTransformer`` with a class token, or a module holding one — a
+            ``DistributedDataParallel`` (with ``find_unused_parameters=True``), a peft model, a
+            ``torch.compile`` wrapper. Its blocks are converted to :class:`ViTBlock` in place if they are
+            not already.
         token_budget: mean keep ratio over the blocks, in (0, 1] (``"alast"`` policy).
         train_layers: how many blocks train each step, in [1, L]; default ``ceil(0.75·L)``.
         policy: ``"alast"`` (default), ``"paper"`` or ``"fixed"``.
@@ -65,18 +74,23 @@ class ALaST:
             not (the default) they and every block below the lowest trained one run with no autograd
             graph. The final norm and the head always train.
         keep_ratios, train: the per-block keep ratios and trained flags of the ``"fixed"`` policy.
+        process_group: the ranks that must agree on every plan when ``torch.distributed`` is initialised
+            (default: the world). Their block importances are averaged before each budget update and
+            rank 0's ``seed`` seeds the sampling everywhere.
     """
 
     def __init__(self, model: nn.Module, token_budget: float = 0.6, train_layers: Optional[int] = None,
                  policy: str = "alast", alpha: float = 0.1, min_keep: float = 0.2, sample: bool = False,
                  seed: int = 0, train_embeddings: bool = False, keep_ratios: Optional[Sequence[float]] = None,
-                 train: Optional[Sequence[bool]] = None):
+                 train: Optional[Sequence[bool]] = None, process_group=None):
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
-        if getattr(model, "cls_token", None) is None:
+        vit = find_vit(model)
+        distributed.check_wrapper(model, "ALaST")
+        if getattr(vit, "cls_token", None) is None:
             raise ValueError("model: ALaST scores tokens by the class token's attention, and this model has no "
                              "class token (cls_token is None)")
-        L = len(model_blocks(model))
+        L = len(model_blocks(vit))
         self.policy = policy
         self.token_budget = _check_fraction("token_budget", token_budget)
         self.alpha = _check_fraction("alpha", alpha)
@@ -104,8 +118,15 @@ class ALaST:
         elif keep_ratios is not None or train is not None:
             raise ValueError(f"keep_ratios, train: only the 'fixed' policy takes them (policy={policy!r})")
         # Converted only once every argument is known good: a rejected controller leaves the model alone.
-        self.model = convert(model)
-        self.blocks: List[ViTBlock] = list(model.blocks)
+        convert(vit)
+        self.model = vit  # the timm VisionTransformer planned
+        self.blocks: List[ViTBlock] = list(vit.blocks)
+        # Keep counts are made for the model's patch count; with dynamic image sizes, at forward time.
+        self.num_patches: Optional[int] = None if getattr(vit, "dynamic_img_size", False) \
+            else int(vit.patch_embed.num_patches)
+        self.process_group = distributed.active_group(process_group)
+        if self.process_group is not None:
+            self.seed = distributed.agree_on_seed(self.seed, self.process_group)
 
         self.budgets: List[float] = [1.0] * L
         self.previous_deltas: Optional[List[float]] = None
@@ -142,45 +163,66 @@ class ALaST:
         return StepPlan(self.step_count, ratios, train, grad_input, list(b))
 
     def _frozen_embeddings(self):
-        if not self.train_embeddings:
-            for name in _EMBEDDING_NAMES:
-                part = getattr(self.model, name, None)
-                if isinstance(part, nn.Parameter):
-                    yield part
-                elif isinstance(part, nn.Module):
-                    yield from part.parameters()
+        return [] if self.train_embeddings else list(embedding_parameters(self.model))
 
-    def _frozen_parameters(self, plan: StepPlan):
-        for blk, train in zip(self.blocks, plan.train):
-            if not train:
-                yield from blk.parameters()
-        yield from self._frozen_embeddings()
+    def _frozen_parameters(self, plan: StepPlan) -> List[nn.Parameter]:
+        frozen = [p for blk, train in zip(self.blocks, plan.train) if not train for p in blk.parameters()]
+        return frozen + self._frozen_embeddings()
+
+    def _clear_gradients(self, frozen: List[nn.Parameter]) -> None:
+        """``.grad = None`` on the parameters this step freezes; an error if that would drop a gradient.
+
+        A zero gradient (``zero_grad(set_to_none=False)``) is cleared, since the optimizer would still apply
+        momentum and weight decay with it. A non-zero one is what earlier backward passes left for the next
+        optimizer step (accumulation over several ``step()`` contexts): dropping it silently would lose
+        those micro-batches.
+        """
+        grads = [(p, p.grad) for p in frozen if p.grad is not None]
+        if grads:
+            with torch.no_grad():
+                nonzero = torch.stack([g.ne(0).any() for _, g in grads]).tolist()
+            kept = {id(p) for (p, _), bad in zip(grads, nonzero) if bad}
+            if kept:
+                where = sorted({f"blocks.{i}" for i, blk in enumerate(self.blocks)
+                                for p in blk.parameters() if id(p) in kept}
+                               | {"embeddings" for p in self._frozen_embeddings() if id(p) in kept})
+                raise RuntimeError(
+                    f"ALaST.step(): {', '.join(where)} hold gradients from earlier backward passes, and this "
+                    f"step freezes them, which would discard those gradients. Accumulate micro-batches inside "
+                    f"one `with alast.step():` (one plan for all of them), or call optimizer.step() and "
+                    f"zero_grad() before the next step")
+            for p, _ in grads:
+                p.grad = None
 
     # ----------------------------------------------------------------------------------------- step
     @contextlib.contextmanager
     def step(self, update: bool = True):
         """Apply this step's plans to the blocks; on a clean exit update the budgets from the blocks' Δ.
 
+        Several forward/backward passes (micro-batches accumulated into one optimizer step) may run inside
+        one step: they share its plan, and the budgets are updated from their mean Δ.
+
         With ``update=False`` the plan is applied but nothing is recorded or updated and the step does not
         count: the next ``step()`` makes the same plan (for measuring a step without changing training).
 
         Parameters that do not train this step have their ``.grad`` set to ``None`` on entry, so the
-        optimizer leaves them alone. Frozen embeddings have ``requires_grad`` off inside the step, so they
+        optimizer leaves them alone (``RuntimeError`` if one holds a non-zero gradient: see
+        :meth:`_clear_gradients`). Frozen embeddings have ``requires_grad`` off inside the step, so they
         build no autograd graph; it is restored on exit. Yields the :class:`StepPlan`.
         """
         if not self.model.training:
             raise RuntimeError("ALaST.step(): the model is in eval mode; call model.train() first")
         start = time.perf_counter()
         plan = self.plan()
+        self._clear_gradients(self._frozen_parameters(plan))
         for blk, ratio, train, grad_input in zip(self.blocks, plan.keep_ratios, plan.train, plan.grad_input):
-            blk.alast_plan = BlockPlan(ratio, train, grad_input)
-            blk.alast_importance = None
-        for p in self._frozen_parameters(plan):
-            p.grad = None
+            blk.alast_plan = BlockPlan(ratio, train, grad_input, self.num_patches)
+            blk.alast_stats = torch.zeros(3, dtype=torch.float32, device=_device(blk))
         # Nothing below the embeddings needs their gradient: without requires_grad they record no graph.
         embeddings = [(p, p.requires_grad) for p in self._frozen_embeddings()]
         for p, _ in embeddings:
             p.requires_grad_(False)
+        self.model.blocks.alast_planned = True
         self.overhead_seconds += time.perf_counter() - start
         try:
             yield plan
@@ -189,18 +231,23 @@ class ALaST:
                 self._finish(plan)
                 self.overhead_seconds += time.perf_counter() - start
         finally:
+            self.model.blocks.alast_planned = False
             for blk in self.blocks:
                 blk.alast_plan = None
             for p, requires_grad in embeddings:
                 p.requires_grad_(requires_grad)
 
     def _finish(self, plan: StepPlan) -> None:
-        missing = [i for i, blk in enumerate(self.blocks) if blk.alast_importance is None]
+        stats = torch.stack([blk.alast_stats.to("cpu", torch.float64) for blk in self.blocks])  # one sync
+        missing = [i for i, forwards in enumerate(stats[:, 1].tolist()) if forwards == 0]
         if missing:
             raise RuntimeError(f"ALaST.step(): blocks {missing} ran no forward pass inside the step")
-        deltas = torch.stack([blk.alast_importance.to("cpu", torch.float64) for blk in self.blocks]).tolist()
+        deltas = (stats[:, 0] / stats[:, 1]).tolist()
+        keeps = [round(k) for k in (stats[:, 2] / stats[:, 1]).tolist()]
+        if self.process_group is not None:
+            deltas = distributed.mean_over_ranks(deltas, self.process_group)
         self.history.append({
-            "step": plan.step, "keep_ratio": plan.keep_ratios, "keep": [blk.alast_keep for blk in self.blocks],
+            "step": plan.step, "keep_ratio": plan.keep_ratios, "keep": keeps,
             "train": plan.train, "budget": plan.budgets, "delta": deltas,
         })
         if self.policy == "alast":
@@ -215,16 +262,25 @@ class ALaST:
     def state_dict(self) -> Dict:
         """Everything a resumed run needs to make the same plans as an uninterrupted one."""
         return {
-            "policy": self.policy, "num_layers": len(self.blocks), "budgets": list(self.budgets),
+            **self._config(), "budgets": list(self.budgets),
             "previous_deltas": None if self.previous_deltas is None else list(self.previous_deltas),
             "step": self.step_count, "history": list(self.history),
             "generator": self._generator_state if self._pending is not None else self.generator.get_state(),
         }
 
+    def _config(self) -> Dict:
+        return {"policy": self.policy, "num_layers": len(self.blocks), "token_budget": self.token_budget,
+                "train_layers": self.train_layers, "alpha": self.alpha, "min_keep": self.min_keep,
+                "sample": self.sample, "train_embeddings": self.train_embeddings}
+
     def load_state_dict(self, state: Dict) -> None:
-        if state.get("policy") != self.policy or state.get("num_layers") != len(self.blocks):
-            raise ValueError(f"state: saved for policy={state.get('policy')!r} with {state.get('num_layers')} "
-                             f"blocks, this controller has policy={self.policy!r} with {len(self.blocks)}")
+        """Resume from :meth:`state_dict`; ``ValueError`` naming each setting in which the saved controller
+        differs from this one (its plans would not be this controller's)."""
+        mine = self._config()
+        differ = [f"{k}={state.get(k, '<missing>')!r} (this controller: {mine[k]!r})" for k in _CONFIG
+                  if state.get(k, "<missing>") != mine[k]]
+        if differ:
+            raise ValueError(f"state: saved by a controller with {', '.join(differ)}")
         self.budgets = [float(v) for v in state["budgets"]]
         prev = state["previous_deltas"]
         self.previous_deltas = None if prev is None else [float(v) for v in prev]

@@ -2,7 +2,7 @@
 token selection (timm's Block on the gathered tokens, scattered back); frozen and no-graph plans;
 constructor keywords; ``state_dict`` keys.
 
-Float32, max abs diff <= 1e-5 for the output and every gradient. ``N = 1 + 13`` tokens, ``D = 36``.
+Float32, max abs diff <= 1e-5 (relative above magnitude 1) for the output and every gradient. ``N = 1 + 13`` tokens, ``D = 36``.
 """
 import functools
 
@@ -31,6 +31,7 @@ CONFIGS = {
     "gelu_tanh": {"act_layer": functools.partial(nn.GELU, approximate="tanh")},
     "relu": {"act_layer": nn.ReLU},
     "no_affine_norm": {"norm_layer": functools.partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)},
+    "rms_norm": {"norm_layer": RmsNorm},  # not a LayerNorm: gathered, then called as a module
 }
 DROPOUT_CONFIGS = {
     "proj_drop": {"proj_drop": 0.3},
@@ -75,20 +76,25 @@ def run(fn, module, x, grad, rng_seed=None):
 
 
 def assert_same(got, want, atol=ATOL):
+    """Output and every gradient within ``atol``, relative to the reference's magnitude above 1 (float32
+    rounding grows with the values: a gradient of size 10 carries ten times the rounding of one of size 1)."""
+    def close(a, b):
+        return (a - b).abs().max().item() <= atol * max(1.0, b.abs().max().item())
+
     out, gx, gp = got
     out_ref, gx_ref, gp_ref = want
-    assert (out - out_ref).abs().max().item() <= atol
+    assert close(out, out_ref)
     if gx_ref is None:
         assert gx is None
     else:
-        assert (gx - gx_ref).abs().max().item() <= atol
+        assert close(gx, gx_ref)
     assert gp.keys() == gp_ref.keys()
     for name in gp_ref:
         if gp_ref[name] is None:
             assert gp[name] is None, name
         else:
             assert gp[name] is not None, name
-            assert (gp[name] - gp_ref[name]).abs().max().item() <= atol, name
+            assert close(gp[name], gp_ref[name]), name
 
 
 def timm_scores(ref, x):
@@ -172,7 +178,7 @@ def test_full_plan_matches_timm(config):
 
 # ------------------------------------------------------------------------------- token selection
 SELECT_CONFIGS = ["default", "qk_norm", "layer_scale", "no_proj_bias", "mlp_ratio", "gelu_tanh", "relu",
-                  "scale_norms", "no_affine_norm"]
+                  "scale_norms", "no_affine_norm", "rms_norm"]
 
 
 @pytest.mark.parametrize("config", SELECT_CONFIGS)
@@ -317,20 +323,13 @@ def test_block_plan_rejects_bad_keep_ratio(bad):
         BlockPlan(keep_ratio=bad)
 
 
-def test_other_norm_layer_runs_like_timm_but_cannot_select():
-    torch.manual_seed(0)
-    ref = Block(D, H, norm_layer=RmsNorm)
-    blk = ViTBlock(D, H, norm_layer=RmsNorm)
-    blk.load_state_dict(ref.state_dict())
+def test_other_norm_layer_frozen_plan():
+    ref, blk = make_pair("rms_norm")
     x, g = inputs()
-    assert_same(run(blk, blk, x, g), run(ref, ref, x, g))
     blk.alast_plan = BlockPlan(1.0, train=False)
     out, gx, gp = run(blk, blk, x, g)
     assert all(v is None for v in gp.values())
     assert (out - ref(x)).abs().max().item() <= ATOL
-    blk.alast_plan = BlockPlan(0.5)
-    with pytest.raises(NotImplementedError, match="norm_layer"):
-        blk(x)
 
 
 def test_bad_inputs():
