@@ -57,8 +57,11 @@ class LowRankMixer(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: ``(B, N, D)`` -> the update ``(B, N, D)`` (zero at initialisation)."""
-        t = self.token_norm(u).transpose(1, 2)  # (B, D, N): mix along the tokens
-        token_update = self.token_up(F.gelu(self.token_down(t))).transpose(1, 2)
+        # Token mixing as (r_t, N) @ (B, N, D) products: the same maths as the linears applied along the
+        # token axis of the transposed tensor, without transposing (copying) two (B, N, D) tensors.
+        down, up = self.token_down, self.token_up
+        hidden = F.gelu(torch.matmul(down.weight, self.token_norm(u)) + down.bias[:, None])  # (B, r_t, D)
+        token_update = torch.matmul(up.weight, hidden) + up.bias[:, None]
         v = u + token_update
         channel_update = self.channel_up(F.gelu(self.channel_down(self.channel_norm(v))))
         return token_update + channel_update

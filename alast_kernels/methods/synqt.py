@@ -184,7 +184,7 @@ class SynQTModel(FrozenBackboneModel):
         """``(B, N, 3·H·Dh)`` projections (timm's layout) -> keys (after ``k_norm``) and values stacked into
         one contiguous ``(B, 2, H, N, Dh)`` buffer, so the queries' projections are not kept alive."""
         B, N, _ = qkv.shape
-        _, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        _, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return torch.stack((attn.k_norm(k), v), dim=1)
 
     def _extract(self, block: Block, queries: torch.Tensor, kv: torch.Tensor):
