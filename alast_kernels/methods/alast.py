@@ -15,6 +15,7 @@ from .lora import DEFAULT_TARGETS, add_lora
 class ALaSTMethod(Method):
     name = "alast"
     summary = "adaptive per-layer token budgets and layer freezing, all weights trainable"
+    trains_backbone = True
 
     def __init__(self, model: nn.Module, token_budget: float = 0.6, train_layers: Optional[int] = None,
                  policy: str = "alast", alpha: float = 0.1, min_keep: float = 0.2, sample: bool = False,
@@ -42,6 +43,7 @@ class ALaSTMethod(Method):
 class ALaSTLoRA(ALaSTMethod):
     name = "alast+lora"
     summary = "ALaST over peft LoRA adapters: the adapters of the trained blocks and the head train"
+    trains_backbone = False
 
     def __init__(self, model: nn.Module, rank: int = 8, lora_alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, **alast_options):
