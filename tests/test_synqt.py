@@ -92,3 +92,18 @@ def test_post_norm_blocks_refused():
 def test_bad_options_named(option, value):
     with pytest.raises(ValueError, match=f"^{option}:"):
         create("synqt", tiny_vit(), **{option: value})
+
+
+def test_wrapped_qkv_is_called_as_a_module():
+    """A qkv that is not a plain nn.Linear (here one with a forward hook that scales its output) is called,
+    not bypassed: the queries and the keys/values both see what the module returns."""
+    plain = create("synqt", tiny_vit())
+    perturb_trainable(plain)
+    hooked = create("synqt", tiny_vit())
+    hooked.model.load_state_dict(plain.model.state_dict())
+    for block in hooked.vit.blocks:
+        block.attn.qkv.register_forward_hook(lambda module, args, out: out * 1.5)
+        block.attn.qkv.weight.data /= 1.5  # the hook undoes it: the same projections, if the hook runs
+        block.attn.qkv.bias.data /= 1.5
+    x = images(2)
+    torch.testing.assert_close(hooked.model(x), plain.model(x), rtol=1e-5, atol=1e-5)

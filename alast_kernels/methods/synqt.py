@@ -195,12 +195,14 @@ class SynQTModel(FrozenBackboneModel):
         T = queries.shape[1]
         h = block.norm1(queries)
         width = self.num_heads * self.head_dim
-        if type(attn.qkv) is nn.Linear:  # project the queries only; anything else is called as a module
-            bias = None if attn.qkv.bias is None else attn.qkv.bias[:width]
-            q = F.linear(h, attn.qkv.weight[:width], bias)
+        qkv = attn.qkv
+        if type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks):
+            # Project the queries only (the first third of qkv's rows). Anything else — a LoRA wrapper, a
+            # quantised linear, a module with hooks — is called as a module and its query part taken.
+            q = F.linear(h, qkv.weight[:width], None if qkv.bias is None else qkv.bias[:width])
         else:
-            q = attn.qkv(h)[..., :width]
-        q = attn.q_norm(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2))
+            q = qkv(h)[..., :width]
+        q = attn.q_norm(q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2))
         o = ops.query_attention(q, kv[:, 0], kv[:, 1], scale=attn.scale)
         a = block.ls1(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, T, width))))
         y = queries + a
