@@ -1,8 +1,6 @@
 """What ``losa`` and ``synqt`` share: a frozen backbone without a graph whose weights never change, state
 round-trips, DDP, costs against full fine-tuning, argument checks."""
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -77,16 +75,9 @@ def test_state_dict_round_trip(name):
         other.load_state_dict(create("full", tiny_vit()).state_dict())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def process_group():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
