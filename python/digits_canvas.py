@@ -65,11 +65,12 @@ class DigitCanvas:
         images = (out.clamp_(0, 1) - 0.5) / 0.5
         return images[:, None].expand(n, 3, c, c).contiguous(), self.labels[idx]
 
-    def fixed(self, seed: int) -> "TensorImages":
-        """Every sample rendered once at a seeded position: a held-out set that never changes."""
+    def fixed(self, seed: int, views: int = 1) -> "TensorImages":
+        """Every sample rendered ``views`` times at seeded positions: a held-out set that never changes
+        (several views of each digit measure accuracy with less noise from where the digits happen to sit)."""
         g = torch.Generator().manual_seed(seed)
-        x, y = self.render(torch.arange(len(self)), g)
-        return TensorImages(x, y, self.num_classes)
+        parts = [self.render(torch.arange(len(self)), g) for _ in range(views)]
+        return TensorImages(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), self.num_classes)
 
 
 @dataclass
@@ -98,12 +99,12 @@ def _split(labels: torch.Tensor, test_fraction: float, generator: torch.Generato
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def digit_tasks(canvas: int = 48, seed: int = 0, test_fraction: float = 0.25, grid: int = 1):
+def digit_tasks(canvas: int = 48, seed: int = 0, test_fraction: float = 0.25, grid: int = 1, test_views: int = 4):
     """The two tasks on a ``canvas``×``canvas`` image: ``{"pretrain": (train, test), "finetune": (train, test)}``.
 
     Training sides are :class:`DigitCanvas` (a new position for every draw, a free augmentation); test
-    sides are :class:`TensorImages` rendered once at seeded positions. Pretraining uses digits 0–4,
-    fine-tuning digits 5–9 relabelled 0–4; each is split 75/25 per class.
+    sides are :class:`TensorImages`, each held-out digit rendered ``test_views`` times at seeded positions.
+    Pretraining uses digits 0–4, fine-tuning digits 5–9 relabelled 0–4; each is split 75/25 per class.
     """
     digits, labels = _load_digits()
     scale = max(1, canvas // 16)  # digit covers half the canvas side: at most a quarter of the patches
@@ -115,7 +116,7 @@ def digit_tasks(canvas: int = 48, seed: int = 0, test_fraction: float = 0.25, gr
         train_idx, test_idx = _split(sub_labels, test_fraction, g)
         train = DigitCanvas(sub_digits[train_idx], sub_labels[train_idx], canvas, scale, len(classes), grid)
         test = DigitCanvas(sub_digits[test_idx], sub_labels[test_idx], canvas, scale, len(classes), grid)
-        tasks[name] = (train, test.fixed(seed + 1 + classes.start))
+        tasks[name] = (train, test.fixed(seed + 1 + classes.start, test_views))
     return tasks
 
 

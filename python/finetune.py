@@ -48,7 +48,8 @@ DEFAULT_METHODS = ("full", "alast", "sparse_tuning", "lora", "synqt", "losa")
 ALAST_METHODS = ("alast", "alast+lora")
 
 
-PRETRAIN_STEPS = 200
+TEST_VIEWS = 4  # positions each held-out digit is rendered at
+PRETRAIN_STEPS = 400
 STEPS = 120
 ADAPTER_LR = 5e-3
 
@@ -338,10 +339,12 @@ def load_data(args):
         train_set, test_set, classes = load_image_folder(args.data, args.img_size, args.seed)
         text = f"ImageFolder {args.data}: {len(classes)} classes, {len(train_set)} train / {len(test_set)} held-out images"
     else:
-        train_set, test_set = digit_tasks(args.img_size, seed=args.seed, grid=args.patch_size)["finetune"]
+        train_set, test_set = digit_tasks(args.img_size, seed=args.seed, grid=args.patch_size,
+                                          test_views=TEST_VIEWS)["finetune"]
         classes = [str(d) for d in range(5, 10)]
         text = (f"embedded digits 5-9 (scikit-learn) on a {args.img_size}x{args.img_size} canvas: "
-                f"{len(train_set)} train / {len(test_set)} held-out images")
+                f"{len(train_set)} train / {len(test_set) // TEST_VIEWS} held-out images, each held-out digit at "
+                f"{TEST_VIEWS} positions")
     return train_set, test_set, classes, text
 
 

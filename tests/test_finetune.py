@@ -38,8 +38,9 @@ def test_digit_canvas_is_mostly_background_and_deterministic():
     assert isinstance(train, DigitCanvas)
     assert train.num_classes == test.num_classes == 5
     assert sorted(test.labels.unique().tolist()) == [0, 1, 2, 3, 4]
-    # 5-9 has 896 images; 25% of each class held out, train and test disjoint by construction
-    assert len(train) + len(test) == 896 and abs(len(test) - 224) <= 5
+    # 5-9 has 896 images; 25% of each class held out (4 views of each), train and test disjoint by construction
+    assert len(test) % 4 == 0 and len(train) + len(test) // 4 == 896 and abs(len(test) // 4 - 224) <= 5
+    assert torch.equal(test.labels[:len(test) // 4], test.labels[len(test) // 4:len(test) // 2])
     x, y = train.render(torch.arange(16), torch.Generator().manual_seed(1))
     assert x.shape == (16, 3, 48, 48) and x.dtype == torch.float32
     # a 24x24 digit on a 48x48 canvas of 8x8 patches: at least 20 of 36 patches are pure background
