@@ -98,3 +98,33 @@ def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, 
         k = k_norm(k)
     logits = (q[:, :, :1] * k).sum(-1) * scale  # (B, H, N)
     return softmax(logits).mean(dim=1)
+
+
+def fuse_tokens(x, scores, keep, num_prefix):
+    """Prefix, the ``keep`` tokens :func:`select_tokens` keeps, then ``Σ scores[j] · x[j]`` over the others."""
+    x, s = f64(x), f64(scores)
+    B, N, D = x.shape
+    idx = select_tokens(scores, keep, num_prefix)
+    out = torch.zeros(B, num_prefix + keep + 1, D, dtype=torch.float64)
+    for b in range(B):
+        kept = idx[b].tolist()
+        for j, n in enumerate(kept):
+            out[b, j] = x[b, n]
+        for n in range(num_prefix, N):
+            if n not in kept:
+                out[b, -1] += s[b, n] * x[b, n]
+    return out
+
+
+def fuse_tokens_grad(grad_out, scores, keep, num_prefix):
+    """Gradient of ``Σ fuse_tokens(x) · grad_out`` with respect to ``x``: a kept token's own output gradient,
+    ``scores[j] · grad_out[fused]`` for a dropped token ``j``."""
+    g, s = f64(grad_out), f64(scores)
+    B, N = s.shape
+    idx = select_tokens(scores, keep, num_prefix)
+    grad = torch.empty(B, N, g.shape[2], dtype=torch.float64)
+    for b in range(B):
+        kept = idx[b].tolist()
+        for n in range(N):
+            grad[b, n] = g[b, kept.index(n)] if n in kept else s[b, n] * g[b, -1]
+    return grad
