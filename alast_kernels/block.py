@@ -37,15 +37,17 @@ class BlockPlan:
     grad_input: whether anything below the block needs the gradient of its input. A block with neither
         ``train`` nor ``grad_input`` runs without an autograd graph.
     num_patches: the ``Np`` the plan is made for (the model's patch count), or ``None``. When given, the
-        keep count is computed here, once, and reaches the block as the integer :attr:`keep` — so code
-        traced by ``torch.compile`` never sees the float ratio; an input with another ``Np`` (a model with
-        dynamic image size) has its count computed from the ratio at forward time.
+        keep count is computed here, once, outside any code ``torch.compile`` traces, and reaches the block
+        as the size of a tensor that is marked dynamic, so a compiled block neither sees the float ratio nor
+        recompiles for every new count. An input with another ``Np`` (a model with dynamic image size) has
+        its count computed from the ratio at forward time.
     """
     keep_ratio: float = 1.0
     train: bool = True
     grad_input: bool = True
     num_patches: Optional[int] = None
     keep: Optional[int] = field(default=None, init=False)
+    _keep_size: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         r = self.keep_ratio
@@ -55,12 +57,16 @@ class BlockPlan:
         if n is not None:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
-            object.__setattr__(self, "keep", _keep_count(r, n))
+            keep = _keep_count(r, n)
+            size = torch.empty(keep, 0)  # no storage: only its size matters
+            torch._dynamo.maybe_mark_dynamic(size, 0)
+            object.__setattr__(self, "keep", keep)
+            object.__setattr__(self, "_keep_size", size)
 
     def keep_count(self, num_patches: int) -> int:
-        """Patch tokens kept out of ``num_patches``."""
+        """Patch tokens kept out of ``num_patches`` (a dynamic size under ``torch.compile``)."""
         if num_patches == self.num_patches:
-            return self.keep
+            return self._keep_size.shape[0]
         return _keep_count(self.keep_ratio, num_patches)
 
 
@@ -190,9 +196,21 @@ class ViTBlock(Block):
         """Set the ALaST state on a block (called by the constructor and by ``convert``)."""
         self.num_prefix_tokens = num_prefix_tokens
         self.alast_plan: Optional[BlockPlan] = None
-        self.alast_importance: Optional[torch.Tensor] = None  # Σ of Δ over the planned forwards, float32
-        self.alast_forwards = 0  # planned forwards since the plan was set (micro-batches of one step)
-        self.alast_keep: Optional[int] = None  # tokens kept by the last planned forward
+        # What the planned forwards of a step measured: float32 [Σ Δ, forwards, Σ keep], added to in place
+        # (so a compiled block records it without a guard on its value); reset by `ALaST.step()`.
+        self.alast_stats: Optional[torch.Tensor] = None
+
+    @property
+    def alast_importance(self) -> Optional[torch.Tensor]:
+        """Mean Δ (class-token movement) over the planned forwards recorded in :attr:`alast_stats`."""
+        stats = self.alast_stats
+        return None if stats is None or stats[1].item() == 0 else stats[0] / stats[1]
+
+    @property
+    def alast_keep(self) -> Optional[int]:
+        """Patch tokens the recorded planned forwards kept (their mean, rounded)."""
+        stats = self.alast_stats
+        return None if stats is None or stats[1].item() == 0 else round((stats[2] / stats[1]).item())
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -217,16 +235,21 @@ class ViTBlock(Block):
         with torch.no_grad() if no_graph else contextlib.nullcontext():
             if not plan.grad_input:
                 x = x.detach()
-            out, delta_cls = self._forward_tokens(x, keep, num_patches, train=plan.train)
-        delta = delta_cls.detach().float().pow(2).sum(-1).mean()
-        self.alast_importance = delta if self.alast_importance is None else self.alast_importance + delta
-        self.alast_forwards += 1
-        self.alast_keep = keep
+            # Compiled, a planned block always selects: one graph for every keep count, `keep == Np` included.
+            out, delta_cls = self._forward_tokens(x, keep, num_patches, train=plan.train,
+                                                  select=torch.compiler.is_compiling())
+        with torch.no_grad():
+            if self.alast_stats is None:
+                self.alast_stats = torch.zeros(3, dtype=torch.float32, device=x.device)
+            delta = delta_cls.float().pow(2).sum(-1).mean()
+            self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, keep)]))
         return out
 
-    def _forward_tokens(self, x: torch.Tensor, keep: int, num_patches: int, train: bool):
-        """The block on the prefix and ``keep`` selected tokens; returns (output, class-token update)."""
-        if keep < num_patches:
+    def _forward_tokens(self, x: torch.Tensor, keep: int, num_patches: int, train: bool, select: bool = False):
+        """The block on the prefix and ``keep`` selected tokens; returns (output, class-token update).
+
+        ``keep == num_patches`` runs every token without selecting, unless ``select``."""
+        if select or keep < num_patches:
             idx = ops.select_tokens(self.token_scores(x), keep, self.num_prefix_tokens)
             norm1 = self.norm1
             if _plain(norm1, _LAYER_NORMS):

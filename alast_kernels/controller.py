@@ -43,6 +43,10 @@ class StepPlan:
     budgets: List[float]
 
 
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def _check_fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not (0 < value <= 1):
@@ -213,12 +217,12 @@ class ALaST:
         self._clear_gradients(self._frozen_parameters(plan))
         for blk, ratio, train, grad_input in zip(self.blocks, plan.keep_ratios, plan.train, plan.grad_input):
             blk.alast_plan = BlockPlan(ratio, train, grad_input, self.num_patches)
-            blk.alast_importance = None
-            blk.alast_forwards = 0
+            blk.alast_stats = torch.zeros(3, dtype=torch.float32, device=_device(blk))
         # Nothing below the embeddings needs their gradient: without requires_grad they record no graph.
         embeddings = [(p, p.requires_grad) for p in self._frozen_embeddings()]
         for p, _ in embeddings:
             p.requires_grad_(False)
+        self.model.blocks.alast_planned = True
         self.overhead_seconds += time.perf_counter() - start
         try:
             yield plan
@@ -227,21 +231,23 @@ class ALaST:
                 self._finish(plan)
                 self.overhead_seconds += time.perf_counter() - start
         finally:
+            self.model.blocks.alast_planned = False
             for blk in self.blocks:
                 blk.alast_plan = None
             for p, requires_grad in embeddings:
                 p.requires_grad_(requires_grad)
 
     def _finish(self, plan: StepPlan) -> None:
-        missing = [i for i, blk in enumerate(self.blocks) if blk.alast_importance is None]
+        stats = torch.stack([blk.alast_stats.to("cpu", torch.float64) for blk in self.blocks])  # one sync
+        missing = [i for i, forwards in enumerate(stats[:, 1].tolist()) if forwards == 0]
         if missing:
             raise RuntimeError(f"ALaST.step(): blocks {missing} ran no forward pass inside the step")
-        deltas = torch.stack([blk.alast_importance.to("cpu", torch.float64) / blk.alast_forwards
-                              for blk in self.blocks]).tolist()
+        deltas = (stats[:, 0] / stats[:, 1]).tolist()
+        keeps = [round(k) for k in (stats[:, 2] / stats[:, 1]).tolist()]
         if self.process_group is not None:
             deltas = distributed.mean_over_ranks(deltas, self.process_group)
         self.history.append({
-            "step": plan.step, "keep_ratio": plan.keep_ratios, "keep": [blk.alast_keep for blk in self.blocks],
+            "step": plan.step, "keep_ratio": plan.keep_ratios, "keep": keeps,
             "train": plan.train, "budget": plan.budgets, "delta": deltas,
         })
         if self.policy == "alast":

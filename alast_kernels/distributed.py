@@ -52,7 +52,9 @@ def check_wrapper(model: nn.Module, method: str) -> None:
 
     A block frozen for a step gives its parameters no gradient: ``DistributedDataParallel`` needs
     ``find_unused_parameters=True`` to finish its gradient reduction without them (and cannot use
-    ``static_graph=True``, since the unused set changes from step to step). FSDP is not supported.
+    ``static_graph=True``, since the unused set changes from step to step). FSDP2 (``fully_shard``) reduces
+    gradients per sharded module and skips modules without any, so it works as is; the older
+    ``FullyShardedDataParallel`` wrapper (flat parameters) is not supported.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -63,17 +65,25 @@ def check_wrapper(model: nn.Module, method: str) -> None:
                     f"model: {method} freezes different blocks at different steps, so some parameters get no "
                     f"gradient in a step; wrap the model with DistributedDataParallel(model, "
                     f"find_unused_parameters=True) (and without static_graph=True)")
-        if _is_fsdp(module):
+        if _is_fsdp1(module):
             raise NotImplementedError(
-                f"model: {method} does not support FSDP ({type(module).__name__}) yet: it changes from step to "
-                f"step which blocks produce gradients and which run without a graph, which FSDP's per-module "
-                f"gradient reduce-scatter is not verified against; use DistributedDataParallel(model, "
-                f"find_unused_parameters=True)")
+                f"model: {method} does not support FullyShardedDataParallel (FSDP1, flat parameters); use FSDP2 "
+                f"(torch.distributed.fsdp.fully_shard on each block after ak.convert, then on the model) or "
+                f"DistributedDataParallel(model, find_unused_parameters=True)")
 
 
-def _is_fsdp(module: nn.Module) -> bool:
+def is_fsdp(module: nn.Module) -> bool:
+    """``module`` was sharded by FSDP2's ``fully_shard``."""
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed support
         return False
-    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+    return isinstance(module, FSDPModule)
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return isinstance(module, FullyShardedDataParallel)

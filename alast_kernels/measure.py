@@ -39,6 +39,10 @@ def saved_activation_bytes(fn: Callable[[], object], parameters: Iterable[torch.
 
     Storages of ``parameters`` (weights saved by linear layers) are not activations and are not counted.
     ``fn`` should run the forward pass only; the saved tensors are released when its result is dropped.
+
+    The hook saves a detached alias of each tensor, not the tensor itself: a node's own output saved as
+    itself would hold the node through its ``grad_fn`` (a reference cycle), keeping the whole measured graph
+    alive until a cyclic garbage collection.
     """
     excluded = {p.untyped_storage().data_ptr() for p in parameters}
     seen = {}
@@ -48,7 +52,7 @@ def saved_activation_bytes(fn: Callable[[], object], parameters: Iterable[torch.
         ptr = storage.data_ptr()
         if ptr not in excluded and ptr not in seen:
             seen[ptr] = storage.nbytes()
-        return t
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()

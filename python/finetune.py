@@ -1,55 +1,56 @@
 #!/usr/bin/env python
-"""Fine-tune a timm Vision Transformer twice from the same weights — full fine-tuning and ALaST — and compare.
+"""Fine-tune a timm Vision Transformer with several methods from the same weights and compare them.
 
-Run with no arguments (``make demo``) it needs no download: it fine-tunes a small ViT (``vit_tiny_patch16_224``
-with 48×48 inputs, 8×8 patches and 6 blocks) on scikit-learn's bundled handwritten digits 5–9 pasted on a mostly
-empty canvas, starting from weights the job trains itself on digits 0–4 (once; cached). Both runs use
-the same AdamW optimiser, learning-rate schedule and batches. It prints a side-by-side table (held-out
-accuracy, wall time, training FLOPs, peak activation memory) and ALaST's last per-layer plan, and writes
-``results.json`` and ``budgets.png`` (layer × step heat maps of the budgets, keep ratios and trained
-layers) to ``--out``.
+Run with no arguments (``make demo``) it needs no download: it fine-tunes a small ViT
+(``vit_tiny_patch16_224`` with 48×48 inputs, 8×8 patches and 6 blocks) on scikit-learn's bundled handwritten
+digits 5–9 pasted on a mostly empty canvas, starting from weights the job trains itself on digits 0–4 (once;
+cached), with each method of ``--methods`` (default: full fine-tuning, ALaST, Sparse-Tuning, LoRA, SynQT,
+LoSA — those this install has). Every method gets the same batches and the same AdamW schedule; methods
+that train the backbone use ``--lr``, the others (adapters, queries, side networks, heads) ``--adapter-lr``.
 
-How the costs are measured: on ``--probes`` training steps spread evenly over each run, one extra
-forward+backward on that step's batch is measured under that step's plan (``alast.step(update=False)``)
-and its gradients dropped, so training is unchanged and the probes do not count in the wall time.
-FLOPs: ``alast_kernels.measure.count_flops`` of forward+backward (matmuls, convolution and attention,
-whose fused backward recomputes q·kᵀ); the total is the mean over the probes × the number of steps. Memory: on the CPU the bytes autograd saves for backward during the forward
-(``saved_activation_bytes``), on CUDA the rise of the allocator's peak over forward+backward
-(``peak_cuda_memory``); the table shows the maximum over the probes. Wall time: the training steps only
-(forward, backward, optimiser), without data rendering, probes and evaluation.
+It prints one table (held-out accuracy, train wall time, median step, training FLOPs, peak activation
+memory, trainable parameters, inference FLOPs and time per image), ALaST's last per-layer plan, and writes
+``results.json``, ``pareto.png`` (accuracy against train time and against memory, one point per method)
+and ``budgets.png`` (ALaST's layer × step heat maps) to ``--out``. ``--seeds N`` repeats everything with N
+seeds and reports mean ± standard deviation; ``--equal-time`` also trains every method for as many steps
+as fit in full fine-tuning's wall time. Under ``torchrun --nproc-per-node K`` the ranks share each batch
+(DistributedDataParallel, gloo on the CPU); rank 0 prints and writes. See :mod:`training` for how costs
+are measured.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import hashlib
-import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
-import torch
-import torch.nn.functional as F
-
 import timm
-from timm.models.vision_transformer import VisionTransformer
-from tqdm import tqdm
+import torch
+import torch.distributed as dist
 
 import alast_kernels as ak
-from alast_kernels.measure import count_flops, peak_cuda_memory, saved_activation_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_canvas import TensorImages, batches, digit_tasks  # noqa: E402
-from report import comparison_table, layer_table, plot_budgets, write_json  # noqa: E402
+from digits_canvas import TensorImages, digit_tasks  # noqa: E402
+from report import layer_table, method_table, plot_budgets, plot_pareto, write_json  # noqa: E402
+from starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text, starting_weights  # noqa: E402
+from training import evaluate, inference_cost, train  # noqa: E402
 
-DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alast_kernels")
-PRETRAIN_VERSION = 1  # bump when the pretraining recipe changes, so old cached weights are not reused
+# The default comparison, in this order; methods this install lacks are left out with a note.
+DEFAULT_METHODS = ("full", "alast", "sparse_tuning", "lora", "synqt", "losa")
+ALAST_METHODS = ("alast", "alast+lora")
+
+
+PRETRAIN_STEPS = 200
+STEPS = 120
+ADAPTER_LR = 5e-3
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -90,14 +91,21 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Fine-tune a timm ViT with full fine-tuning and with ALaST from the same weights; "
-                    "print and save the comparison.",
+        description="Fine-tune a timm ViT with several methods from the same weights; print and save the "
+                    "comparison.",
         formatter_class=_HelpFormatter)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods to compare, or 'all' (alast_kernels.methods.available())")
+    p.add_argument("--seeds", type=_positive, default=1,
+                   help="repeat every run with seeds --seed, --seed+1, ...; the table shows mean ± std")
+    p.add_argument("--equal-time", action="store_true",
+                   help="also train each method for as many steps as fit in full fine-tuning's wall time")
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR",
                       help="ImageFolder data (DIR/<class>/<image>, or DIR/train and DIR/val|test); held in "
                            "memory, resized to --img-size. Default: the embedded digits 5-9 on a canvas")
-    data.add_argument("--seed", type=int, default=0, help="seed of the data order, splits, head and controller")
+    data.add_argument("--seed", type=int, default=0,
+                      help="first seed: data order, splits, head and the methods' own randomness")
     model = p.add_argument_group("model and starting weights")
     model.add_argument("--model", default="vit_tiny_patch16_224", help="any timm VisionTransformer name")
     model.add_argument("--img-size", type=_positive, default=48, help="input size (overrides the model's)")
@@ -110,20 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from timm's hub weights (needs network access or a filled HF cache)")
     start.add_argument("--checkpoint", metavar="PATH",
                        help="start from this state_dict (the classifier head is replaced)")
-    model.add_argument("--pretrain-steps", type=_positive, default=200,
+    model.add_argument("--pretrain-steps", type=_positive, default=PRETRAIN_STEPS,
                        help="steps of the job's own pretraining on digits 0-4 (used without --pretrained "
                             "or --checkpoint; the result is cached)")
     model.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the job's pretrained weights are cached")
-    train = p.add_argument_group("fine-tuning")
-    train.add_argument("--steps", type=_positive, default=120, help="training steps of each run")
-    train.add_argument("--batch-size", type=_positive, default=32, help="images per training step")
-    train.add_argument("--lr", type=_positive_float, default=1e-3,
-                       help="AdamW peak learning rate (5%% linear warm-up, cosine decay)")
-    train.add_argument("--weight-decay", type=_non_negative_float, default=0.05, help="AdamW weight decay")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    train.add_argument("--threads", type=_positive, default=None,
-                       help="CPU threads for torch (default: the CPUs this process may use)")
-    alast = p.add_argument_group("ALaST")
+    train_ = p.add_argument_group("fine-tuning")
+    train_.add_argument("--steps", type=_positive, default=STEPS, help="training steps of each run")
+    train_.add_argument("--batch-size", type=_positive, default=32, help="images per training step")
+    train_.add_argument("--lr", type=_positive_float, default=1e-3,
+                        help="AdamW peak learning rate of methods that train the backbone (5%% linear warm-up, "
+                             "cosine decay)")
+    train_.add_argument("--adapter-lr", type=_positive_float, default=ADAPTER_LR,
+                        help="AdamW peak learning rate of methods that keep the backbone frozen")
+    train_.add_argument("--weight-decay", type=_non_negative_float, default=0.05, help="AdamW weight decay")
+    train_.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    train_.add_argument("--threads", type=_positive, default=None,
+                        help="CPU threads for torch (default: the CPUs this process may use, shared by the ranks)")
+    alast = p.add_argument_group("ALaST (methods alast and alast+lora)")
     alast.add_argument("--policy", choices=("alast", "paper", "fixed"), default="alast",
                        help="budget policy; 'fixed' keeps --token-budget in every layer and trains the "
                             "--train-layers deepest ones")
@@ -143,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    available = ak.methods.available()
+    if args.methods.strip() == "all":
+        args.methods = available
+    else:
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        explicit = args.methods != parser.get_default("methods")
+        unknown = [n for n in names if n not in available]
+        if explicit and unknown:
+            parser.error(f"--methods: unknown method(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(available)} or 'all'")
+        if len(set(names)) != len(names):
+            parser.error(f"--methods: a method is named twice in {args.methods!r}")
+        args.methods = [n for n in names if n in available]
+        if not args.methods:
+            parser.error("--methods: expected at least one method")
     if args.policy == "alast" and args.min_keep > args.token_budget:
         parser.error(f"--min-keep: expected at most --token-budget={args.token_budget}, got {args.min_keep}")
     if args.data is not None and not os.path.isdir(args.data):
@@ -208,237 +234,66 @@ def load_image_folder(root: str, img_size: int, seed: int):
             TensorImages(x[test_idx], y[test_idx], len(classes)), classes)
 
 
-# --------------------------------------------------------------------------------------------- model
-def model_kwargs(args) -> Dict:
-    kwargs = {"img_size": args.img_size, "patch_size": args.patch_size}
-    if args.depth:
-        kwargs["depth"] = args.depth
-    return kwargs
+# ------------------------------------------------------------------------------------------- methods
+def method_options(name: str, args, depth: int, seed: int) -> Dict:
+    """The job's options of method ``name`` (ALaST's from the command line; the others use defaults)."""
+    if name not in ALAST_METHODS:
+        return {}
+    options = {"token_budget": args.token_budget, "train_layers": args.train_layers, "policy": args.policy,
+               "min_keep": args.min_keep, "seed": seed}
+    if args.policy == "fixed":
+        trained = args.train_layers or math.ceil(0.75 * depth)
+        options.update(keep_ratios=[args.token_budget] * depth, train=[l >= depth - trained for l in range(depth)])
+    return options
 
 
-def create_model(args, num_classes: int, pretrained: bool = False) -> VisionTransformer:
-    if not timm.is_model(args.model):
-        raise SystemExit(f"--model: Unknown model {args.model!r} (timm.list_models('vit_*') lists the ViTs)")
-    try:
-        model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **model_kwargs(args))
-    except TypeError as e:  # a model family that does not take img_size / patch_size / depth
-        raise SystemExit(f"--model {args.model}: expected a timm VisionTransformer ({e})") from None
-    if not isinstance(model, VisionTransformer):
-        raise SystemExit(f"--model {args.model}: expected a timm VisionTransformer, got {type(model).__name__}")
-    if getattr(model, "cls_token", None) is None:
-        raise SystemExit(f"--model {args.model}: ALaST needs a class token and this model has none")
-    return model
-
-
-def load_backbone(model: torch.nn.Module, state: Dict[str, torch.Tensor], origin: str) -> None:
-    """Load every weight of ``state`` except the classifier head into ``model``; complain about the rest."""
-    head = model.get_classifier()
-    head_keys = {k for k in model.state_dict() if k.startswith("head.")} if head is not None else set()
-    body = {k: v for k, v in state.items() if k not in head_keys}
-    missing, unexpected = model.load_state_dict(body, strict=False)
-    missing = [k for k in missing if k not in head_keys]
-    if missing or unexpected:
-        raise SystemExit(f"{origin}: does not fit --model {model.default_cfg.get('architecture', '?')} with "
-                         f"{model_kwargs_text(model)}: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                         "(--depth 0 keeps the model's own depth)")
-
-
-def model_kwargs_text(model) -> str:
-    (h, w), (ph, pw) = model.patch_embed.img_size, model.patch_embed.patch_size
-    return f"{h}x{w} input, {ph}x{pw} patches, depth {len(model.blocks)}"
-
-
-def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code, ... all mean the same to the user
-        raise SystemExit(f"--checkpoint {path}: cannot read it as a PyTorch state_dict ({e})") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"--checkpoint {path}: expected a state_dict (name -> tensor)")
-    return state
-
-
-def pretrain_cache_path(args) -> str:
-    key = {"model": args.model, **model_kwargs(args), "steps": args.pretrain_steps, "batch": args.batch_size,
-           "seed": args.seed, "version": PRETRAIN_VERSION}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(args.cache_dir, f"pretrain-digits0-4-{args.model}-{digest}.pt")
-
-
-def pretrain(args, device: torch.device, show: bool) -> Dict:
-    """The job's own starting weights: the same ViT trained from scratch on digits 0–4 (a different task)."""
-    train_set, test_set = digit_tasks(args.img_size, seed=args.seed, grid=args.patch_size)["pretrain"]
-    torch.manual_seed(args.seed)
-    model = create_model(args, train_set.num_classes).to(device)
-    run = train(model, None, train_set, args, steps=args.pretrain_steps, lr=2e-3, seed=args.seed + 1000,
-                device=device, desc="pretrain on digits 0-4", show=show)
-    accuracy = evaluate(model, test_set, device)
-    return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "accuracy": accuracy,
-            "train_seconds": run["train_seconds"]}
-
-
-def starting_weights(args, model: torch.nn.Module, device: torch.device, show: bool) -> Dict:
-    """Fill ``model``'s backbone with the starting weights; returns where they came from."""
-    if args.checkpoint:
-        load_backbone(model, read_checkpoint(args.checkpoint), f"--checkpoint {args.checkpoint}")
-        return {"source": "checkpoint", "path": os.path.abspath(args.checkpoint),
-                "text": f"loaded from --checkpoint {args.checkpoint}"}
-    if args.pretrained:
-        try:
-            hub = create_model(args, num_classes=0, pretrained=True)
-        except SystemExit:
-            raise
-        except Exception as e:  # network errors come as many different types
-            raise SystemExit(f"--pretrained: could not get timm's hub weights for {args.model} ({type(e).__name__}: "
-                             f"{e}). They are downloaded from the Hugging Face hub; without network access give "
-                             "--checkpoint PATH, or leave both out to use the job's own digits 0-4 pretraining."
-                             ) from None
-        load_backbone(model, hub.state_dict(), f"timm hub weights of {args.model}")
-        tag = hub.pretrained_cfg.get("hf_hub_id") or hub.pretrained_cfg.get("tag") or args.model
-        return {"source": "timm_hub", "path": tag, "text": f"timm hub weights ({tag})"}
-    path = pretrain_cache_path(args)
-    if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        load_backbone(model, saved["state_dict"], f"cached weights {path}")
-        return {"source": "cache", "path": path, "pretrain_accuracy": float(saved["accuracy"]),
-                "text": f"loaded from cache {path} (pretrained by this job on digits 0-4, held-out accuracy "
-                        f"{100 * float(saved['accuracy']):.1f}%)"}
-    made = pretrain(args, device, show)
-    os.makedirs(args.cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"state_dict": made["state_dict"], "accuracy": torch.tensor(made["accuracy"])}, tmp)
-    os.replace(tmp, path)
-    load_backbone(model, made["state_dict"], "the job's pretraining")
-    return {"source": "trained_now", "path": path, "pretrain_accuracy": made["accuracy"],
-            "pretrain_seconds": made["train_seconds"],
-            "text": f"trained now on digits 0-4 ({args.pretrain_steps} steps, {made['train_seconds']:.1f} s, held-out "
-                    f"accuracy {100 * made['accuracy']:.1f}%), cached at {path}"}
-
-
-# ------------------------------------------------------------------------------------------ training
-def lr_factor(step: int, steps: int) -> float:
-    """5% linear warm-up, then cosine decay to 0."""
-    warmup = max(1, round(0.05 * steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TensorImages, device: torch.device, batch_size: int = 256) -> float:
-    """Top-1 accuracy on ``data`` in eval mode (every token and every layer)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size].to(device)
-        y = data.labels[start:start + batch_size].to(device)
-        correct += int((model(x).argmax(-1) == y).sum())
-    model.train(was_training)
-    return correct / len(data)
-
-
-def measure_step(model, alast, x, y, device: torch.device) -> Dict:
-    """FLOPs and activation memory of one training step on ``(x, y)``, leaving model and controller as they were."""
-
-    def in_step(fn):
-        if alast is None:
-            return fn()
-        with alast.step(update=False):  # this step's plan, without recording or updating the budgets
-            return fn()
-
-    def forward_backward():
-        F.cross_entropy(model(x), y).backward()
-
-    flops = in_step(lambda: count_flops(forward_backward))
-    model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        memory = in_step(lambda: peak_cuda_memory(forward_backward, device))
-    else:
-        memory = in_step(lambda: saved_activation_bytes(lambda: F.cross_entropy(model(x), y), model.parameters()))
-    model.zero_grad(set_to_none=True)
-    return {"flops": flops, "activation_bytes": memory}
-
-
-def train(model, alast, source, args, steps: int, lr: float, seed: int, device: torch.device, desc: str,
-          show: bool, probes: int = 0) -> Dict:
-    """``steps`` AdamW steps on batches of ``source``; with ``alast`` each step runs inside ``alast.step()``."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
-    probe_steps = {round(i * (steps - 1) / max(1, probes - 1)) for i in range(probes)} if probes else set()
-    step_seconds, losses, measured = [], [], []
-    bar = tqdm(batches(source, args.batch_size, steps, seed), total=steps, desc=desc, disable=not show,
-               leave=True, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if step in probe_steps:
-            measured.append({"step": step, **measure_step(model, alast, x, y, device)})
-        _sync(device)
-        start = time.perf_counter()
-        with alast.step() if alast is not None else contextlib.nullcontext():
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        _sync(device)
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    bar.close()
-    return {"train_seconds": sum(step_seconds), "median_step_seconds": sorted(step_seconds)[len(step_seconds) // 2],
-            "losses": losses, "probes": measured}
-
-
-def fine_tune(kind: str, start: torch.nn.Module, train_set, test_set, args, device: torch.device,
-              show: bool) -> Dict:
-    """One fine-tuning run (``kind`` ``"full"`` or ``"alast"``) from a copy of ``start``."""
-    model = copy.deepcopy(start)
-    alast = None
-    if kind == "alast":
-        depth = len(model.blocks)
-        fixed = {}
-        if args.policy == "fixed":
-            train_layers = args.train_layers or math.ceil(0.75 * depth)
-            fixed = {"keep_ratios": [args.token_budget] * depth,
-                     "train": [layer >= depth - train_layers for layer in range(depth)]}
-        alast = ak.ALaST(ak.convert(model), token_budget=args.token_budget, train_layers=args.train_layers,
-                         policy=args.policy, min_keep=args.min_keep, seed=args.seed, **fixed)
-    torch.manual_seed(args.seed)
-    run = train(model, alast, train_set, args, steps=args.steps, lr=args.lr, seed=args.seed, device=device,
-                desc=f"fine-tune: {'full' if kind == 'full' else 'ALaST'}", show=show, probes=args.probes)
-    probes = run.pop("probes")
-    result = {
-        "accuracy": evaluate(model, test_set, device),
-        "final_loss": sum(run["losses"][-10:]) / len(run["losses"][-10:]),
-        **run,
-        "flops_per_step_probes": [p["flops"] for p in probes],
-        "train_flops": sum(p["flops"] for p in probes) / len(probes) * args.steps,
-        "peak_activation_bytes": max(p["activation_bytes"] for p in probes),
-        "activation_bytes_probes": [p["activation_bytes"] for p in probes],
-        "probe_steps": [p["step"] for p in probes],
-        "memory_kind": "cuda_peak" if device.type == "cuda" else "saved_for_backward",
-        "controller_overhead_seconds": alast.overhead_seconds if alast is not None else 0.0,
-    }
-    if alast is not None:
-        last = alast.history[-1]
+def fine_tune(name: str, start: torch.nn.Module, train_set, test_set, args, device: torch.device, seed: int,
+              steps: int, show: bool, probes: int, rank: int = 0, world: int = 1) -> Dict:
+    """One run of method ``name`` from a copy of ``start``: training, accuracy, costs."""
+    torch.manual_seed(seed)
+    method = ak.methods.create(name, copy.deepcopy(start), **method_options(name, args, len(start.blocks), seed))
+    model = method.model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(method.model, find_unused_parameters=True)
+    lr = args.lr if method.trains_backbone else args.adapter_lr
+    run = train(method, train_set, steps=steps, batch_size=args.batch_size, lr=lr,
+                weight_decay=args.weight_decay, seed=seed, device=device, desc=f"{name} (seed {seed})",
+                show=show, probes=probes, model=model, rank=rank, world=world)
+    probes_done = run.pop("probes")
+    result = {"accuracy": evaluate(method.model, test_set, device), "lr": lr, "steps": steps,
+              "final_loss": sum(run["losses"][-10:]) / len(run["losses"][-10:]), **run,
+              "trainable_parameters": method.num_trainable()}
+    if probes_done:
         result.update({
+            "probe_steps": [p["step"] for p in probes_done],
+            "flops_per_step_probes": [p["flops"] for p in probes_done],
+            "train_flops": sum(p["flops"] for p in probes_done) / len(probes_done) * steps,
+            "activation_bytes_probes": [p["activation_bytes"] for p in probes_done],
+            "peak_activation_bytes": max(p["activation_bytes"] for p in probes_done),
+            "memory_kind": "cuda_peak" if device.type == "cuda" else "saved_for_backward",
+            **{f"inference_{k}": v for k, v in inference_cost(method.model, test_set, device).items()},
+        })
+    controller = getattr(method, "controller", None)
+    if controller is not None:
+        last = controller.history[-1]
+        result.update({
+            "controller_overhead_seconds": controller.overhead_seconds, "history": controller.history,
             "final_keep_ratios": last["keep_ratio"], "final_keep_tokens": last["keep"],
-            "final_trained_layers": [i for i, t in enumerate(last["train"]) if t],
-            "final_budgets": last["budget"], "history": alast.history,
+            "final_trained_layers": [i for i, t in enumerate(last["train"]) if t], "final_budgets": last["budget"],
         })
     return result
+
+
+def summarise(runs: List[Dict]) -> Dict:
+    """Mean, standard deviation (0 for one run), min and max over seeds of every number the runs share."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {}
+    for k in keys:
+        values = [float(r[k]) for r in runs if k in r]
+        out[k] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                  "min": min(values), "max": max(values)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -461,79 +316,135 @@ def _machine(device: torch.device) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    """Run the job with command-line ``argv``; returns the record it writes to ``results.json``."""
+    """Run the job with command-line ``argv``; returns the record it writes to ``results.json`` (rank 0)."""
     args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // world))
+    started_dist = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(args.device).type == "cuda" else "gloo")
+        started_dist = True
     try:
-        return run_job(args)
+        return run_job(args, rank=dist.get_rank() if world > 1 else 0, world=world)
     finally:
         torch.set_num_threads(threads)  # main() called from Python (tests) leaves the caller's setting
+        if started_dist:
+            dist.destroy_process_group()
 
 
-def run_job(args: argparse.Namespace) -> Dict:
-    job_start = time.perf_counter()
-    device = torch.device(args.device)
-    show = not args.quiet
-
+def load_data(args):
     if args.data:
         train_set, test_set, classes = load_image_folder(args.data, args.img_size, args.seed)
-        data_text = f"ImageFolder {args.data}: {len(classes)} classes, {len(train_set)} train / {len(test_set)} held-out images"
+        text = f"ImageFolder {args.data}: {len(classes)} classes, {len(train_set)} train / {len(test_set)} held-out images"
     else:
         train_set, test_set = digit_tasks(args.img_size, seed=args.seed, grid=args.patch_size)["finetune"]
         classes = [str(d) for d in range(5, 10)]
-        data_text = (f"embedded digits 5-9 (scikit-learn) on a {args.img_size}x{args.img_size} canvas: "
-                     f"{len(train_set)} train / {len(test_set)} held-out images")
+        text = (f"embedded digits 5-9 (scikit-learn) on a {args.img_size}x{args.img_size} canvas: "
+                f"{len(train_set)} train / {len(test_set)} held-out images")
+    return train_set, test_set, classes, text
 
+
+def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
+    job_start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    main_rank = rank == 0
+    show = not args.quiet and main_rank
+    say = print if main_rank else (lambda *a, **k: None)
+
+    train_set, test_set, classes, data_text = load_data(args)
     torch.manual_seed(args.seed)
     start = create_model(args, len(classes))
     depth = len(start.blocks)
     if args.train_layers is not None and args.train_layers > depth:
         raise SystemExit(f"--train-layers: expected at most the model's depth {depth}, got {args.train_layers}")
     num_patches = start.patch_embed.num_patches
-    print(f"data:     {data_text}")
-    print(f"model:    {args.model} ({model_kwargs_text(start)}, {num_patches} patches, "
-          f"{sum(p.numel() for p in start.parameters()) / 1e6:.2f} M parameters) on {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    weights = starting_weights(args, start, device, show)
-    torch.manual_seed(args.seed)
-    start.reset_classifier(len(classes))  # a new, seeded head for the new task
-    start.to(device)
-    print(f"weights:  {weights.pop('text')}")
-    print(f"training: {args.steps} steps x batch {args.batch_size}, AdamW lr {args.lr:g} (warm-up + cosine), "
-          f"same batches for both runs; ALaST policy {args.policy!r}, token budget {args.token_budget:g}, "
-          f"train layers {args.train_layers or math.ceil(0.75 * depth)} of {depth}")
+    say(f"data:     {data_text}")
+    say(f"model:    {args.model} ({model_kwargs_text(start)}, {num_patches} patches, "
+        f"{sum(p.numel() for p in start.parameters()) / 1e6:.2f} M parameters) on {device}, "
+        f"{torch.get_num_threads()} threads" + (f" x {world} ranks" if world > 1 else ""), flush=True)
+    if main_rank:
+        weights = starting_weights(args, start, device, show)
+    if world > 1:
+        dist.barrier()  # rank 0 pretrained and cached; the others load the cache
+        if not main_rank:
+            weights = starting_weights(args, start, device, show)
+    say(f"weights:  {weights.pop('text')}")
+    skipped = [m for m in DEFAULT_METHODS if m not in ak.methods.available()]
+    say(f"methods:  {', '.join(args.methods)}" + (f" (not in this install: {', '.join(skipped)})" if skipped else ""))
+    say(f"training: {args.steps} steps x batch {args.batch_size}, AdamW (warm-up + cosine), lr {args.lr:g} "
+        f"(backbone) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
+        f"seeds {args.seed}..{args.seed + args.seeds - 1}", flush=True)
 
-    runs = {kind: fine_tune(kind, start, train_set, test_set, args, device, show) for kind in ("full", "alast")}
-    full, alast = runs["full"], runs["alast"]
+    runs: Dict[str, List[Dict]] = {name: [] for name in args.methods}
+    for seed in range(args.seed, args.seed + args.seeds):
+        torch.manual_seed(seed)
+        head_start = copy.deepcopy(start)
+        head_start.reset_classifier(len(classes))  # a new, seeded head for the new task
+        head_start.to(device)
+        for name in args.methods:
+            runs[name].append(fine_tune(name, head_start, train_set, test_set, args, device, seed, args.steps,
+                                        show, args.probes, rank, world))
+        if args.equal_time and "full" in args.methods:
+            budget = runs["full"][-1]["train_seconds"]
+            for name in args.methods:
+                run = runs[name][-1]
+                if name == "full":
+                    run["equal_time"] = {"steps": args.steps, "accuracy": run["accuracy"], "train_seconds": budget}
+                    continue
+                steps = max(1, round(args.steps * budget / run["train_seconds"]))
+                again = fine_tune(name, head_start, train_set, test_set, args, device, seed, steps, show, 0,
+                                  rank, world)
+                run["equal_time"] = {"steps": steps, "accuracy": again["accuracy"],
+                                     "train_seconds": again["train_seconds"]}
+    summary = {name: summarise(r) for name, r in runs.items()}
+    for name, r in runs.items():
+        if all("equal_time" in x for x in r):
+            summary[name]["equal_time_accuracy"] = summarise([x["equal_time"] for x in r])["accuracy"]
 
-    os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "budgets.png")
-    plot_budgets(alast["history"], png, f"ALaST on {args.model} ({args.policy} policy, token budget "
-                 f"{args.token_budget:g}): per-layer plan over {args.steps} steps")
-    print()
-    print(comparison_table(full, alast))
-    print(f"\nFLOPs: forward+backward matmuls and attention (torch.utils.flop_counter), mean of "
-          f"{len(full['probe_steps'])} measured steps x {args.steps} steps; memory: max over the same steps.")
-    print("\nALaST's last plan per layer:")
-    print(layer_table(alast["final_keep_ratios"], alast["final_keep_tokens"],
-                      [i in alast["final_trained_layers"] for i in range(depth)], alast["final_budgets"]))
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(device),
+        "machine": _machine(device), "world_size": world,
         "args": vars(args),
         "data": {"text": data_text, "classes": classes, "train_size": len(train_set), "test_size": len(test_set),
                  "num_patches": num_patches},
-        "start_weights": weights,
-        "runs": runs,
-        "ratios": {"flops": alast["train_flops"] / full["train_flops"],
-                   "activation_bytes": alast["peak_activation_bytes"] / full["peak_activation_bytes"],
-                   "train_seconds": alast["train_seconds"] / full["train_seconds"]},
-        "job_seconds": time.perf_counter() - job_start,
+        "start_weights": weights, "methods": args.methods, "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "runs": runs, "summary": summary,
     }
+    if "full" in summary:
+        full = summary["full"]
+        record["ratios_to_full"] = {
+            name: {k: s[k]["mean"] / full[k]["mean"] for k in ("train_flops", "peak_activation_bytes", "train_seconds",
+                                                             "inference_flops_per_image") if k in s and full[k]["mean"]}
+            for name, s in summary.items()}
+    if not main_rank:
+        return record
+
+    os.makedirs(args.out, exist_ok=True)
+    say()
+    say(method_table(summary, seeds=args.seeds, memory_kind=runs[args.methods[0]][0].get("memory_kind")))
+    say(f"\nFLOPs: forward+backward matmuls and attention (torch.utils.flop_counter), mean of {args.probes} measured "
+        f"steps x {args.steps} steps; memory: max over the same steps; inference on 64 held-out images.")
+    paths = [os.path.join(args.out, "pareto.png")]
+    plot_pareto(summary, paths[0], f"{args.model} ({model_kwargs_text(start)}), {args.steps} steps, "
+                f"{args.seeds} seed(s), {record['machine']['cpu'] or device}")
+    for name in ALAST_METHODS:
+        if name in runs:
+            history = runs[name][0]["history"]
+            path = os.path.join(args.out, "budgets.png" if name == "alast" else f"budgets-{name}.png")
+            plot_budgets(history, path, f"{name} on {args.model} ({args.policy} policy, token budget "
+                         f"{args.token_budget:g}): per-layer plan over {args.steps} steps (seed {args.seed})")
+            paths.append(path)
+            last = runs[name][0]
+            say(f"\n{name}'s last plan per layer (seed {args.seed}):")
+            say(layer_table(last["final_keep_ratios"], last["final_keep_tokens"],
+                            [i in last["final_trained_layers"] for i in range(depth)], last["final_budgets"]))
+    record["job_seconds"] = time.perf_counter() - job_start
     json_path = os.path.join(args.out, "results.json")
     write_json(record, json_path)
-    print(f"\nwrote {json_path} and {png}; whole job {record['job_seconds']:.1f} s")
+    say(f"\nwrote {json_path}, {', '.join(paths)}; whole job {record['job_seconds']:.1f} s")
     return record
 
 

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Dict, List
 
-__all__ = ["comparison_table", "layer_table", "plot_budgets", "write_json"]
+__all__ = ["method_table", "layer_table", "plot_budgets", "plot_pareto", "write_json"]
 
 
 def _si(value: float, unit: str) -> str:
@@ -19,31 +19,50 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.2f} MiB"
 
 
-def comparison_table(full: Dict, alast: Dict) -> str:
-    """The two runs side by side, with ALaST's ratio to full fine-tuning where a ratio means something."""
-    memory_label = {"saved_for_backward": "peak activation memory (saved for backward)",
-                    "cuda_peak": "peak activation memory (CUDA peak rise)"}[full["memory_kind"]]
-    rows = [
-        ("held-out accuracy", f"{100 * full['accuracy']:.1f}%", f"{100 * alast['accuracy']:.1f}%",
-         f"{100 * (alast['accuracy'] - full['accuracy']):+.1f} pt"),
-        ("final training loss", f"{full['final_loss']:.3f}", f"{alast['final_loss']:.3f}", ""),
-        ("train wall time (steps only)", f"{full['train_seconds']:.1f} s", f"{alast['train_seconds']:.1f} s",
-         f"{alast['train_seconds'] / full['train_seconds']:.2f}x"),
-        ("median step time", f"{1e3 * full['median_step_seconds']:.0f} ms",
-         f"{1e3 * alast['median_step_seconds']:.0f} ms",
-         f"{alast['median_step_seconds'] / full['median_step_seconds']:.2f}x"),
-        ("training FLOPs (fwd+bwd, total)", _si(full["train_flops"], "FLOP"), _si(alast["train_flops"], "FLOP"),
-         f"{alast['train_flops'] / full['train_flops']:.2f}x"),
-        (memory_label, _mib(full["peak_activation_bytes"]), _mib(alast["peak_activation_bytes"]),
-         f"{alast['peak_activation_bytes'] / full['peak_activation_bytes']:.2f}x"),
-        ("ALaST controller overhead", "", f"{1e3 * alast['controller_overhead_seconds']:.0f} ms",
-         f"{100 * alast['controller_overhead_seconds'] / alast['train_seconds']:.1f}% of train time"),
-    ]
-    header = ("", "full fine-tuning", "ALaST", "ALaST / full")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+def _table(header, rows) -> str:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule] + [line(r) for r in rows])
+    return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])
+
+
+def method_table(summary: Dict[str, Dict], seeds: int, memory_kind: str = "saved_for_backward") -> str:
+    """One row per method: means over seeds (± standard deviation with several), and ratios to ``full``."""
+    full = summary.get("full")
+
+    def cell(stats, key, fmt, ratio=False):
+        if key not in stats:
+            return "-"
+        text = fmt(stats[key]["mean"])
+        if seeds > 1 and key == "accuracy":
+            text += f" ± {100 * stats[key]['std']:.1f}"
+        if ratio and full is not None and key in full and full[key]["mean"]:
+            text += f" ({stats[key]['mean'] / full[key]['mean']:.2f}x)"
+        return text
+
+    memory = {"saved_for_backward": "act. memory (saved)", "cuda_peak": "act. memory (CUDA peak)"}.get(
+        memory_kind, "act. memory")
+    header = ("method", "accuracy %", "train time", "median step", "train FLOPs", memory, "trainable",
+              "infer FLOPs/img", "infer ms/img")
+    rows = []
+    for name, stats in summary.items():
+        rows.append((
+            name,
+            cell(stats, "accuracy", lambda v: f"{100 * v:.1f}"),
+            cell(stats, "train_seconds", lambda v: f"{v:.1f} s", ratio=True),
+            cell(stats, "median_step_seconds", lambda v: f"{1e3 * v:.0f} ms"),
+            cell(stats, "train_flops", lambda v: _si(v, "FLOP"), ratio=True),
+            cell(stats, "peak_activation_bytes", _mib, ratio=True),
+            cell(stats, "trainable_parameters", lambda v: _si(v, "").strip()),
+            cell(stats, "inference_flops_per_image", lambda v: _si(v, "FLOP"), ratio=True),
+            cell(stats, "inference_seconds_per_image", lambda v: f"{1e3 * v:.2f}"),
+        ))
+    table = _table(header, rows)
+    if any("equal_time_accuracy" in s for s in summary.values()):
+        eq = [(name, f"{100 * s['accuracy']['mean']:.1f}", f"{100 * s['equal_time_accuracy']['mean']:.1f}")
+              for name, s in summary.items() if "equal_time_accuracy" in s]
+        table += "\n\nEqual time (each method trains for full fine-tuning's wall time):\n" + _table(
+            ("method", "accuracy %, equal steps", "accuracy %, equal time"), eq)
+    return table
 
 
 def layer_table(keep_ratios: List[float], keep: List[int], train: List[bool], budgets: List[float]) -> str:
@@ -96,6 +115,43 @@ def plot_budgets(history: List[Dict], path: str, title: str) -> None:
             bar.set_ticks([0.25, 0.75], labels=["frozen", "trained"])
     axes[-1].set_xlabel("training step")
     fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(summary: Dict[str, Dict], path: str, title: str) -> None:
+    """Held-out accuracy against train time and against peak activation memory, one point per method (mean
+    over seeds, bars from min to max), the Pareto front joined; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train_seconds", "train wall time (s)", 1.0), ("peak_activation_bytes", "peak activation memory (MiB)",
+                                                                 2.0 ** -20)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    for ax, (key, label, scale) in zip(axes, panels):
+        points = []
+        for i, (name, s) in enumerate(summary.items()):
+            if key not in s:
+                continue
+            x, acc = s[key]["mean"] * scale, 100 * s["accuracy"]["mean"]
+            xerr = [[x - s[key]["min"] * scale], [s[key]["max"] * scale - x]]
+            yerr = [[acc - 100 * s["accuracy"]["min"]], [100 * s["accuracy"]["max"] - acc]]
+            ax.errorbar(x, acc, xerr=xerr, yerr=yerr, fmt="o", color=colours(i % 10), capsize=3, ms=8)
+            ax.annotate(name, (x, acc), textcoords="offset points", xytext=(6, 6), fontsize=9)
+            points.append((x, acc))
+        # The front: no other method is both cheaper and more accurate.
+        front = sorted(p for p in points if not any(q[0] <= p[0] and q[1] > p[1] or q[0] < p[0] and q[1] >= p[1]
+                                                    for q in points))
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto front")
+            ax.legend(loc="lower right")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

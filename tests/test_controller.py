@@ -423,3 +423,114 @@ def test_model_without_class_token_raises():
     with pytest.raises(ValueError, match="class token"):
         ALaST(model)
     assert all(type(blk) is Block for blk in model.blocks)
+
+
+# ------------------------------------------------------------------------ gradient accumulation
+def test_micro_batches_in_one_step_accumulate_gradients_under_one_plan():
+    model = tiny()
+    ref = copy.deepcopy(model)
+    kwargs = dict(policy="fixed", keep_ratios=[0.5, 0.75, 1.0, 0.25], train=[False, True, True, True])
+    ctrl, ctrl_ref = ALaST(model, **kwargs), ALaST(ref, **kwargs)
+    micro = batches(3, batch=2, seed=7)
+    with ctrl.step():
+        for x, y in micro:
+            F.cross_entropy(model(x), y).backward()
+    # The same micro-batches one step each, gradients summed by hand.
+    total = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    deltas = []
+    for x, y in micro:
+        with ctrl_ref.step():
+            F.cross_entropy(ref(x), y).backward()
+        deltas.append(ctrl_ref.history[-1]["delta"])
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                total[n] += p.grad
+        ref.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            assert not total[n].any(), n
+        else:
+            assert (p.grad - total[n]).abs().max().item() <= 1e-5, n
+    # The budgets are updated once, from the mean importance of the micro-batches.
+    assert len(ctrl.history) == 1
+    mean = [sum(d[l] for d in deltas) / 3 for l in range(L)]
+    assert ctrl.history[0]["delta"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_a_step_that_would_drop_accumulated_gradients_raises():
+    model = tiny()
+    first = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[True, True, True, True])
+    second = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[True, False, True, True])
+    x, y = batches(1)[0]
+    with first.step():
+        F.cross_entropy(model(x), y).backward()
+    kept = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with pytest.raises(RuntimeError, match=r"blocks\.1.*discard"):
+        with second.step():
+            pass
+    # Nothing was dropped, and no plan was left applied.
+    assert all(torch.equal(model.get_parameter(n).grad, g) for n, g in kept.items())
+    assert all(blk.alast_plan is None for blk in model.blocks)
+    model.zero_grad(set_to_none=False)  # zeros hold nothing: the step clears them
+    with second.step():
+        F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.blocks[1].parameters())
+
+
+# ---------------------------------------------------------------------------- errors, wrappers
+@pytest.mark.parametrize("field,value", [("token_budget", 0.5), ("policy", "paper"), ("train_layers", 2),
+                                         ("min_keep", 0.1)])
+def test_loading_a_state_of_another_configuration_names_the_mismatch(field, value):
+    saved = ALaST(tiny(), **{field: value}).state_dict()
+    ctrl = ALaST(tiny(), token_budget=0.6, policy="alast", train_layers=3, min_keep=0.2)
+    with pytest.raises(ValueError, match=field):
+        ctrl.load_state_dict(saved)
+
+
+def test_loading_a_state_of_another_depth_names_it():
+    deeper = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=L + 2, num_heads=3, num_classes=5)
+    saved = ALaST(deeper, train_layers=3).state_dict()
+    with pytest.raises(ValueError, match="num_layers"):
+        ALaST(tiny(), train_layers=3).load_state_dict(saved)
+
+
+def test_another_timm_block_class_is_named_as_unsupported():
+    import timm
+    sam = timm.create_model("samvit_base_patch16", img_size=64, pretrained=False)
+    with pytest.raises(TypeError, match="VisionTransformerSAM.*vision_transformer_sam.Block"):
+        ALaST(sam)
+
+
+def test_ddp_without_find_unused_parameters_is_refused_with_what_to_pass(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="find_unused_parameters=True"):
+            ALaST(DDP(tiny()))
+        model = tiny()
+        ddp = DDP(model, find_unused_parameters=True)
+        ctrl = ALaST(ddp, token_budget=0.5)  # finds the ViT inside
+        assert ctrl.model is model
+        plans, _ = train(ddp, ctrl, torch.optim.SGD(ddp.parameters(), lr=0.05), batches(2))
+        assert len(ctrl.history) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_blocks_sharded_before_convert_are_refused_with_the_order_to_use(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        model = tiny()
+        mesh = init_device_mesh("cpu", (1,))
+        for blk in model.blocks:
+            fully_shard(blk, mesh=mesh)
+        with pytest.raises(NotImplementedError, match="before convert"):
+            ALaST(model)
+    finally:
+        dist.destroy_process_group()

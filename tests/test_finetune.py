@@ -1,5 +1,5 @@
 """The fine-tuning job (python/finetune.py) and its embedded data: learning, outputs, options, errors."""
-import argparse
+import copy
 import json
 import math
 import os
@@ -10,13 +10,14 @@ import torch
 
 import alast_kernels as ak
 import finetune
+import training
 from digits_canvas import DigitCanvas, batches, digit_tasks
 
 CPU = torch.device("cpu")
 CHANCE = 1 / 5  # both embedded tasks have 5 classes
 # A 2-block job that takes a few seconds; each test adds what it checks.
 TINY = ["--depth", "2", "--steps", "4", "--pretrain-steps", "3", "--batch-size", "8", "--probes", "2",
-        "--threads", "1", "--quiet"]
+        "--threads", "1", "--quiet", "--methods", "full,alast"]
 
 
 @pytest.fixture(scope="module")
@@ -56,41 +57,41 @@ def test_alast_learns_embedded_digits_well_above_chance():
     """A small ViT trained with ALaST (half the patch tokens per block on average) from scratch, 200 steps."""
     torch.manual_seed(0)
     train_set, test_set = digit_tasks(48, seed=0, grid=8)["pretrain"]
-    model = _tiny_vit()
-    alast = ak.ALaST(ak.convert(model), token_budget=0.5, train_layers=2, train_embeddings=True)
-    args = argparse.Namespace(batch_size=32, weight_decay=0.05)
-    finetune.train(model, alast, train_set, args, steps=200, lr=2e-3, seed=0, device=CPU, desc="", show=False)
+    method = ak.methods.create("alast", _tiny_vit(), token_budget=0.5, train_layers=2, train_embeddings=True)
+    training.train(method, train_set, steps=200, batch_size=32, lr=2e-3, weight_decay=0.05, seed=0, device=CPU,
+                   desc="", show=False)
+    alast = method.controller
     # ALaST really selected tokens and froze layers while it learned
     assert all(sum(h["keep"]) < 0.6 * 36 * len(h["keep"]) for h in alast.history)
     assert all(not all(h["train"]) for h in alast.history)
-    accuracy = finetune.evaluate(model, test_set, CPU)
+    accuracy = training.evaluate(method.model, test_set, CPU)
     assert accuracy > 2 * CHANCE, f"held-out accuracy {accuracy:.3f} is not well above chance {CHANCE}"
 
 
-def test_measured_steps_leave_training_unchanged():
+@pytest.mark.parametrize("name", ["alast", "alast+lora"])
+def test_measured_steps_leave_training_unchanged(name):
     """Probing FLOPs and memory on a step must not change the plans, the budgets or the weights."""
     train_set, _ = digit_tasks(48, seed=0, grid=8)["finetune"]
-    args = argparse.Namespace(batch_size=8, weight_decay=0.05)
     torch.manual_seed(0)
     start = _tiny_vit(depth=2, dim=48)
     finals = []
     for probes in (0, 5):
-        model = ak.convert(_tiny_vit(depth=2, dim=48))
-        model.load_state_dict(start.state_dict())
-        alast = ak.ALaST(model, token_budget=0.5, train_layers=1)
-        run = finetune.train(model, alast, train_set, args, steps=5, lr=1e-3, seed=3, device=CPU, desc="",
-                             show=False, probes=probes)
+        torch.manual_seed(1)  # LoRA's initial adapters are drawn
+        method = ak.methods.create(name, copy.deepcopy(start), token_budget=0.5, train_layers=1)
+        run = training.train(method, train_set, steps=5, batch_size=8, lr=1e-3, weight_decay=0.05, seed=3,
+                             device=CPU, desc="", show=False, probes=probes)
         assert len(run["probes"]) == probes
-        finals.append((alast.state_dict(), model.state_dict(), run["losses"]))
+        finals.append((method.state_dict(), method.model.state_dict(), run["losses"]))
     (state_a, weights_a, losses_a), (state_b, weights_b, losses_b) = finals
-    assert state_a["budgets"] == state_b["budgets"] and state_a["step"] == state_b["step"] == 5
-    assert [h["keep"] for h in state_a["history"]] == [h["keep"] for h in state_b["history"]]
+    a, b = state_a["controller"], state_b["controller"]
+    assert a["budgets"] == b["budgets"] and a["step"] == b["step"] == 5
+    assert [h["keep"] for h in a["history"]] == [h["keep"] for h in b["history"]]
     assert losses_a == losses_b
-    for name in weights_a:
-        assert torch.equal(weights_a[name], weights_b[name]), name
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
 
 
-def _full_step_flops(batch, depth, dim, num_patches, patch, classes):
+def _full_step_flops(batch, depth, dim, num_patches, patch, classes, forward_only=False):
     """Forward+backward FLOPs of full fine-tuning of a plain ViT, derived by hand.
 
     Forward: per block 2·B·N·12·D² for qkv, proj, fc1, fc2 and 4·B·N²·D for q·kᵀ and p·v; the patch
@@ -103,49 +104,80 @@ def _full_step_flops(batch, depth, dim, num_patches, patch, classes):
     attention = depth * 4 * batch * n * n * dim
     embed = 2 * batch * num_patches * 3 * patch * patch * dim
     head = 2 * batch * dim * classes
+    if forward_only:
+        return linear + head + embed + attention
     return 3 * (linear + head) + 2 * embed + 3.5 * attention
 
 
 # ---------------------------------------------------------------------------------------------- the job
-def test_main_writes_results_and_heat_map(tmp_path, cache_dir, capsys):
+def test_main_writes_results_plots_and_the_comparison(tmp_path, cache_dir, capsys):
     out = tmp_path / "out"
-    record = finetune.main(TINY + ["--out", str(out), "--cache-dir", cache_dir])
+    record = finetune.main(TINY + ["--methods", "full,alast,lora,alast+lora", "--out", str(out),
+                                   "--cache-dir", cache_dir])
     printed = capsys.readouterr().out
-    assert "full fine-tuning" in printed and "ALaST" in printed and "trained now on digits 0-4" in printed
+    assert "trained now on digits 0-4" in printed
+    for name in ("full", "alast", "lora", "alast+lora"):
+        assert f"\n{name} " in printed, name
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["start_weights"]["source"] == "trained_now"
     assert os.path.isfile(saved["start_weights"]["path"])
-    full, alast = saved["runs"]["full"], saved["runs"]["alast"]
-    for run in (full, alast):
+    assert saved["methods"] == ["full", "alast", "lora", "alast+lora"] and saved["seeds"] == [0]
+    runs = {name: r[0] for name, r in saved["runs"].items()}
+    for run in runs.values():
         for key in ("accuracy", "train_seconds", "median_step_seconds", "train_flops", "peak_activation_bytes",
-                    "final_loss", "losses", "probe_steps"):
+                    "final_loss", "losses", "probe_steps", "trainable_parameters", "inference_flops_per_image",
+                    "inference_seconds_per_image"):
             assert key in run, key
         assert 0 <= run["accuracy"] <= 1 and run["train_seconds"] > 0 and len(run["losses"]) == 4
         assert run["probe_steps"] == [0, 3] and run["memory_kind"] == "saved_for_backward"
+    full, alast = runs["full"], runs["alast"]
     # the full run's FLOPs match a derivation by hand (attention included), every step alike
     per_step = _full_step_flops(batch=8, depth=2, dim=192, num_patches=36, patch=8, classes=5)
     assert full["flops_per_step_probes"] == [per_step, per_step]
     assert full["train_flops"] == 4 * per_step
+    assert full["inference_flops_per_image"] == _full_step_flops(1, 2, 192, 36, 8, 5, forward_only=True)
     assert alast["train_flops"] < 0.7 * full["train_flops"]
     assert alast["peak_activation_bytes"] < full["peak_activation_bytes"]
+    assert alast["inference_flops_per_image"] == full["inference_flops_per_image"]  # eval keeps every token
+    # LoRA trains its adapters and the head only; with ALaST it keeps ALaST's savings
+    assert runs["lora"]["trainable_parameters"] < 0.1 * full["trainable_parameters"]
+    assert runs["alast+lora"]["train_flops"] < runs["lora"]["train_flops"]
     assert len(alast["history"]) == 4 and len(alast["final_keep_ratios"]) == 2
     assert alast["final_trained_layers"] == [i for i, t in enumerate(alast["history"][-1]["train"]) if t]
     assert math.isclose(sum(alast["history"][0]["keep_ratio"]) / 2, 0.5, rel_tol=1e-6)  # token budget held
-    assert saved["ratios"]["flops"] == pytest.approx(alast["train_flops"] / full["train_flops"])
-    assert record["runs"]["full"]["accuracy"] == full["accuracy"]
+    assert saved["ratios_to_full"]["alast"]["train_flops"] == pytest.approx(alast["train_flops"] / full["train_flops"])
+    assert saved["summary"]["full"]["accuracy"]["mean"] == full["accuracy"]
+    assert record["runs"]["full"][0]["accuracy"] == full["accuracy"]
 
-    png = (out / "budgets.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
-    height, width, _ = matplotlib.image.imread(str(out / "budgets.png")).shape
-    assert height > 300 and width > 600
+    for png, min_size in (("budgets.png", (300, 600)), ("budgets-alast+lora.png", (300, 600)),
+                          ("pareto.png", (300, 800))):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = matplotlib.image.imread(str(out / png)).shape
+        assert height > min_size[0] and width > min_size[1], png
 
     # a second run reuses the cached starting weights and gives the same full fine-tuning result
     again = finetune.main(TINY + ["--out", str(tmp_path / "again"), "--cache-dir", cache_dir])
     assert again["start_weights"]["source"] == "cache"
     assert "loaded from cache" in capsys.readouterr().out
-    assert again["runs"]["full"]["losses"] == full["losses"]
+    assert again["runs"]["full"][0]["losses"] == full["losses"]
+
+
+def test_seeds_and_equal_time(tmp_path, cache_dir, capsys):
+    record = finetune.main(TINY + ["--methods", "full,linear", "--seeds", "2", "--equal-time", "--seed", "3",
+                                   "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
+    assert record["seeds"] == [3, 4]
+    full, linear = record["runs"]["full"], record["runs"]["linear"]
+    assert len(full) == len(linear) == 2 and full[0]["losses"] != full[1]["losses"]
+    accuracy = record["summary"]["full"]["accuracy"]
+    values = [r["accuracy"] for r in full]
+    assert accuracy["mean"] == pytest.approx(sum(values) / 2) and accuracy["min"] == min(values)
+    # linear probing is cheaper per step, so full fine-tuning's time buys it more steps
+    for run, base in zip(linear, full):
+        assert run["equal_time"]["steps"] == max(1, round(4 * base["train_seconds"] / run["train_seconds"]))
+    assert all(r["equal_time"]["steps"] == 4 for r in full)
+    assert "Equal time" in capsys.readouterr().out
 
 
 def test_checkpoint_option(tmp_path, cache_dir):
@@ -161,8 +193,8 @@ def test_checkpoint_option(tmp_path, cache_dir):
 @pytest.mark.parametrize("policy", ["fixed", "paper"])
 def test_other_policies(tmp_path, cache_dir, policy):
     record = finetune.main(TINY + ["--depth", "3", "--policy", policy, "--token-budget", "0.4", "--train-layers", "2",
-                                   "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
-    alast = record["runs"]["alast"]
+                                   "--methods", "alast", "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
+    alast = record["runs"]["alast"][0]
     if policy == "fixed":  # the token budget in every layer, the deepest --train-layers trained, every step
         assert all(h["keep_ratio"] == [0.4] * 3 and h["train"] == [False, True, True] for h in alast["history"])
         assert alast["final_keep_tokens"] == [15] * 3  # ceil(0.4 * 36)
@@ -197,7 +229,7 @@ def test_image_folder_data(tmp_path, cache_dir, layout):
     assert record["data"]["classes"] == classes
     assert (record["data"]["train_size"], record["data"]["test_size"]) == expected
     assert record["start_weights"]["source"] in ("trained_now", "cache")
-    assert all(0 <= record["runs"][k]["accuracy"] <= 1 for k in ("full", "alast"))
+    assert all(0 <= record["runs"][k][0]["accuracy"] <= 1 for k in ("full", "alast"))
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -212,6 +244,9 @@ def test_image_folder_data(tmp_path, cache_dir, layout):
     (["--checkpoint", "/no/such/file.pt"], "--checkpoint: no such file"),
     (["--pretrained", "--checkpoint", "x.pt"], "not allowed with argument"),
     (["--device", "banana"], "--device: Expected one of cpu, cuda"),
+    (["--methods", "full,magic"], "--methods: unknown method(s) magic; expected some of full, linear"),
+    (["--methods", "full,full"], "--methods: a method is named twice"),
+    (["--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..vit import find_vit
 
-__all__ = ["Method", "register", "available", "create", "set_trainable"]
+__all__ = ["Method", "register", "available", "create", "options_of", "set_trainable"]
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -51,12 +51,27 @@ def create(name: str, model: nn.Module, **options) -> "Method":
     if name not in _REGISTRY:
         raise ValueError(f"name: expected one of {', '.join(available())}, got {name!r}")
     cls = _REGISTRY[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
+    accepted = options_of(cls)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; {name} takes "
                         f"{', '.join(accepted) or 'no options'}")
     return cls(model, **options)
+
+
+def options_of(cls: Type["Method"]) -> List[str]:
+    """The keyword options of method class ``cls``: its ``__init__``'s, and its bases' where it passes
+    ``**kwargs`` on."""
+    names: List[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name not in ("self", "model") and p.name not in names
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def set_trainable(module: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
@@ -81,6 +96,9 @@ class Method:
     name: ClassVar[str] = ""
     #: What the method is, in one line (``python -m alast_kernels.info`` and the job print it).
     summary: ClassVar[str] = ""
+    #: Whether the backbone's weights train (full fine-tuning's learning rate suits it) or stay frozen while
+    #: small added parts train (adapters, queries, side networks, heads: a larger learning rate suits them).
+    trains_backbone: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.vit = find_vit(model)

@@ -40,6 +40,7 @@ class EViT(Method):
 
     name = "evit"
     summary = "every parameter trains; token fuse with the keep rate lowered from 1 by a cosine schedule"
+    trains_backbone = True
 
     def __init__(self, model: nn.Module, keep_rate: float = 0.7, fuse_layers: Optional[Sequence[int]] = None,
                  schedule_steps: int = 1000, warmup_steps: int = 0):

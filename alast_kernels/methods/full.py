@@ -10,6 +10,7 @@ from .base import Method, register, set_trainable
 class FullFineTuning(Method):
     name = "full"
     summary = "every parameter trains"
+    trains_backbone = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
