@@ -3,6 +3,7 @@ cosine schedule and its state, every parameter training, tokens per block, and t
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -137,3 +138,11 @@ def test_step_needs_training_mode():
 def test_bad_options_raise_naming_the_option(option, value):
     with pytest.raises(ValueError, match=f"^{option}:"):
         ak.methods.create("evit", tiny_vit(), **{option: value})
+
+
+@pytest.mark.parametrize("name", ["evit", "sparse_tuning"])
+def test_a_vit_without_class_token_is_refused(name):
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5,
+                            class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="^model:.*class token"):
+        ak.methods.create(name, vit)

@@ -12,7 +12,7 @@ import alast_kernels
 from alast_kernels import ops
 from alast_kernels.backends.triton import fuse as triton_fuse
 from triton_testing import (DEVICE, DTYPES, REFERENCE_OPS, TRITON_OPS, assert_flash_rule, grads,  # noqa: F401
-                            max_error, nan_outputs, requires_gpu, triton_forced)
+                            nan_outputs, requires_gpu, triton_forced)
 
 B, N, D = 2, 14, 30
 # (atol, rtol) against the float64 derivation from the same rounded inputs: a few units of each dtype's

@@ -71,6 +71,9 @@ class TokenFuseViT(nn.Module):
     def __init__(self, vit: VisionTransformer, fuse_layers: Sequence[int], keep_rate: float,
                  train_backbone: bool):
         super().__init__()
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("model: the token fuse scores tokens by the class token's attention, and this ViT "
+                             "has no class token (class_token=False)")
         convert(vit)
         self.vit = vit
         self.fuse_layers = check_fuse_layers(fuse_layers, len(model_blocks(vit)))
