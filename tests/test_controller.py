@@ -534,3 +534,22 @@ def test_blocks_sharded_before_convert_are_refused_with_the_order_to_use(tmp_pat
             ALaST(model)
     finally:
         dist.destroy_process_group()
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """timm's grad checkpointing recomputes each planned block in backward under the same plan."""
+    model = tiny(qkv_bias=True)
+    ref = copy.deepcopy(model)
+    ctrl, ctrl_ref = ALaST(model, token_budget=0.5, train_layers=2), ALaST(ref, token_budget=0.5, train_layers=2)
+    model.set_grad_checkpointing(True)
+    for x, y in batches(3):
+        for m, c in ((model, ctrl), (ref, ctrl_ref)):
+            with c.step():
+                F.cross_entropy(m(x), y).backward()
+        assert ctrl.history[-1]["keep"] == ctrl_ref.history[-1]["keep"]
+        assert ctrl.history[-1]["delta"] == pytest.approx(ctrl_ref.history[-1]["delta"], rel=1e-5)
+        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert (p.grad - q.grad).abs().max().item() <= 1e-5, n
+        model.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)

@@ -1,0 +1,177 @@
+"""The contract every method of ``ak.methods`` keeps, checked over every registered method on a tiny ViT.
+
+Trainable parameters are exactly those with ``requires_grad``; nothing else gets a gradient or changes under
+optimizer steps; a step's state round-trips through ``state_dict`` (a resumed run continues exactly);
+``step(update=False)`` advances nothing; eval is deterministic; a DDP-wrapped ``method.model`` trains.
+"""
+import copy
+import re
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+import alast_kernels as ak
+from alast_kernels import methods
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+NAMES = methods.available()
+
+
+def tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=5,
+                             **kwargs)
+
+
+def batches(count, seed=1, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 5, (batch,), generator=g))
+            for _ in range(count)]
+
+
+def make(name, seed=0, **kwargs):
+    torch.manual_seed(100 + seed)  # methods that draw initial weights (LoRA, adapters) draw the same ones
+    method = methods.create(name, tiny(seed, **kwargs))
+    method.model.train()
+    return method
+
+
+def train(method, data, opt=None, forward=None):
+    opt = opt or torch.optim.AdamW(method.trainable_parameters(), lr=1e-2, weight_decay=0.05)
+    forward = forward or method.model
+    losses = []
+    for x, y in data:
+        with method.step():
+            loss = F.cross_entropy(forward(x), y)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, opt
+
+
+def test_the_design_names_are_all_registered():
+    for name in ("full", "linear", "lora", "alast", "alast+lora"):
+        assert name in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_trainable_parameters_get_gradients_and_change(name):
+    method = make(name)
+    trainable = {id(p) for p in method.trainable_parameters()}
+    assert trainable and method.num_trainable() == sum(p.numel() for p in method.trainable_parameters())
+    assert trainable == {id(p) for p in method.model.parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    train(method, batches(3))
+    changed = {n for n, p in method.model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n, p in method.model.named_parameters() if id(p) not in trainable}
+    assert changed and not (changed & frozen), sorted(changed & frozen)[:5]
+    assert all(p.grad is None for n, p in method.model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_round_trip_resumes_exactly(name):
+    data = batches(4)
+    whole = make(name)
+    want, _ = train(whole, data)
+
+    first = make(name)
+    losses, opt = train(first, data[:2])
+    buffer = io.BytesIO()
+    torch.save({"model": first.model.state_dict(), "opt": opt.state_dict(), "method": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+
+    resumed = make(name, seed=7)  # other weights until loaded
+    resumed.model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["method"])
+    opt = torch.optim.AdamW(resumed.trainable_parameters(), lr=1e-2, weight_decay=0.05)
+    opt.load_state_dict(saved["opt"])
+    rest, _ = train(resumed, data[2:], opt)
+    assert losses + rest == want
+    for (n, p), (_, q) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_step_without_update_advances_nothing(name):
+    method = make(name)
+    train(method, batches(2))
+    state = copy.deepcopy(method.state_dict())
+    x, y = batches(1, seed=5)[0]
+    with method.step(update=False):
+        F.cross_entropy(method.model(x), y).backward()
+    method.model.zero_grad(set_to_none=True)
+    assert _same(method.state_dict(), state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_is_deterministic_and_step_needs_training_mode(name):
+    method = make(name)
+    train(method, batches(1))
+    method.model.eval()
+    x = batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        a, b = method.model(x), method.model(x)
+    assert a.shape == (4, 5) and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="train"):
+        with method.step():
+            pass
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_register_tokens(name):
+    method = make(name, reg_tokens=2)
+    losses, _ = train(method, batches(2))
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_option_is_named(name):
+    with pytest.raises(TypeError, match=rf"{re.escape(name)}: unknown option.*no_such_option"):
+        methods.create(name, tiny(), no_such_option=1)
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="magic"):
+        methods.create("magic", tiny())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_wrapped_method_model_trains(name, tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        method = make(name)
+        plain = make(name)
+        train(method, batches(2), forward=DDP(method.model, find_unused_parameters=True))
+        train(plain, batches(2))
+        for (n, p), (_, q) in zip(method.model.named_parameters(), plain.model.named_parameters()):
+            assert torch.allclose(p, q, atol=1e-6), n
+    finally:
+        dist.destroy_process_group()
+
+
+def test_methods_find_the_vit_inside_wrappers():
+    model = tiny()
+    wrapper = torch.nn.Sequential(model)
+    method = methods.create("alast", wrapper)
+    assert method.vit is model and method.model is wrapper
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        methods.create("full", torch.nn.Linear(3, 4))
