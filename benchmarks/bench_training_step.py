@@ -1,18 +1,27 @@
-"""One training step of ``vit_small_patch16_224`` on the CPU: full fine-tuning vs ALaST.
+"""Training steps of ``vit_small_patch16_224`` on the CPU, every method against full fine-tuning.
 
-Batch 16, 224², float32; ALaST at ``token_budget=0.6`` with 9 of 12 blocks trained. Both variants start
-from the same weights and take the same batch; a step is forward, backward and an SGD update.
+All methods start from the same weights and train on the same batches of the embedded digits rendered at
+224² (structured images with mostly empty background, so ALaST's budgets really move). Each method first
+trains ``WARMUP`` steps (AdamW), then on each of the next ``MEASURED`` steps one extra forward+backward is
+measured under that step's state (``method.step(update=False)``): FLOPs of forward+backward and the bytes
+saved for backward, reported as min / median / max over those steady-state steps — not the first step,
+where ALaST's budgets all tie.
 
-``make bench`` times them (pytest-benchmark) and runs the side-by-side comparison, which writes
-``benchmarks/results/cpu_training_step.json``; ``make test`` runs everything once as a smoke
-(``--benchmark-disable``) and checks the deterministic targets (FLOPs and saved activation bytes).
-Targets (issue 2): FLOPs ≤ 0.6× full, saved activation bytes ≤ 0.5× full, wall time ≤ 0.7× full,
-controller overhead ≤ 2% of the ALaST step. Wall time is recorded, not asserted.
+``make bench`` runs the full measurement (batch 16) and times it: eager steps of every method interleaved,
+and compiled (``torch.compile``) against eager for full fine-tuning and ALaST; it writes
+``benchmarks/results/cpu_training_step.json``. ``make test`` runs a reduced smoke (batch 4, fewer steps)
+that still asserts the deterministic targets:
+
+* ALaST (token budget 0.6, 9 of 12 blocks trained): FLOPs ≤ 0.6× full and saved bytes ≤ 0.5× full at every
+  measured step;
+* the frozen-backbone methods (``synqt``, ``losa``): FLOPs ≤ 0.5× and saved bytes ≤ 0.3× full.
+
+Wall time is recorded, never asserted.
 """
 from __future__ import annotations
 
 import copy
-import math
+import statistics
 
 import pytest
 import timm
@@ -21,101 +30,125 @@ import torch.nn.functional as F
 
 import alast_kernels as ak
 from alast_kernels.measure import count_flops, median_seconds, saved_activation_bytes
+from digits_canvas import DigitCanvas, batches
+from digits_canvas import _load_digits
 
 from record import write_results
 
-MODEL, BATCH, IMAGE, CLASSES = "vit_small_patch16_224", 16, 224, 100
-TOKEN_BUDGET, TRAIN_LAYERS = 0.6, 9
-TARGETS = {"flops": 0.6, "saved_bytes": 0.5, "time": 0.7, "controller_overhead": 0.02}
+MODEL, IMAGE, CLASSES = "vit_small_patch16_224", 224, 10
+ALAST_OPTIONS = {"token_budget": 0.6, "train_layers": 9}
+LR = {True: 1e-4, False: 1e-3}  # backbone-training methods / frozen-backbone methods
+TARGETS = {  # method: (FLOPs ratio, saved-bytes ratio) upper bounds against full fine-tuning
+    "alast": (0.6, 0.5),
+    "synqt": (0.5, 0.3),
+    "losa": (0.5, 0.3),
+}
 
 
-class Variant:
-    """A model, its optimizer and one training step on a fixed batch."""
+def _data(batch: int, steps: int):
+    digits, labels = _load_digits()
+    canvas = DigitCanvas(digits, labels, canvas=IMAGE, scale=IMAGE // 16, num_classes=CLASSES, grid=16)
+    return list(batches(canvas, batch, steps, seed=0))
 
-    def __init__(self, model, x, y, controller=None):
-        self.model, self.x, self.y, self.controller = model, x, y, controller
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-    def forward_loss(self):
-        return F.cross_entropy(self.model(self.x), self.y)
+class Run:
+    """One method on its own copy of the weights, with its optimizer."""
 
-    def step(self):
-        if self.controller is None:
-            self.forward_loss().backward()
-        else:
-            with self.controller.step():
-                self.forward_loss().backward()
+    def __init__(self, name: str, start: torch.nn.Module):
+        torch.manual_seed(0)
+        options = ALAST_OPTIONS if name in ("alast", "alast+lora") else {}
+        self.name = name
+        self.method = ak.methods.create(name, copy.deepcopy(start), **options)
+        self.method.model.train()
+        self.optimizer = torch.optim.AdamW(self.method.trainable_parameters(), lr=LR[self.method.trains_backbone])
+        self.flops, self.saved_bytes = [], []
+
+    def loss(self, x, y, model=None):
+        return F.cross_entropy((model or self.method.model)(x), y)
+
+    def step(self, x, y, model=None):
+        with self.method.step():
+            self.loss(x, y, model).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def saved_bytes(self):
-        """Activation bytes saved for backward by one forward under this step's plan."""
-        if self.controller is None:
-            return saved_activation_bytes(self.forward_loss, self.model.parameters())
-        with self.controller.step():
-            saved = saved_activation_bytes(self.forward_loss, self.model.parameters())
-            self.forward_loss().backward()  # completes the step so the controller updates as usual
-        self.optimizer.zero_grad(set_to_none=True)
-        return saved
+    def measure(self, x, y):
+        """FLOPs of forward+backward and bytes saved for backward under the coming step's state."""
+        model = self.method.model
+        with self.method.step(update=False):
+            self.flops.append(count_flops(lambda: self.loss(x, y).backward()))
+        model.zero_grad(set_to_none=True)
+        with self.method.step(update=False):
+            self.saved_bytes.append(saved_activation_bytes(lambda: self.loss(x, y), model.parameters()))
+
+    def record(self) -> dict:
+        out = {"trainable_parameters": self.method.num_trainable()}
+        for key in ("flops", "saved_bytes"):
+            values = getattr(self, key)
+            out[key] = {"min": min(values), "median": statistics.median(values), "max": max(values), "steps": values}
+        return out
 
 
-@pytest.fixture(scope="module")
-def variants():
+def _measure_all(batch: int, warmup: int, measured: int):
     torch.manual_seed(0)
-    full_model = timm.create_model(MODEL, pretrained=False, num_classes=CLASSES)
-    alast_model = ak.convert(copy.deepcopy(full_model))
-    full_model.train(), alast_model.train()
-    controller = ak.ALaST(alast_model, token_budget=TOKEN_BUDGET, train_layers=TRAIN_LAYERS)
-    x = torch.randn(BATCH, 3, IMAGE, IMAGE)
-    y = torch.randint(0, CLASSES, (BATCH,))
-    return {"full": Variant(full_model, x, y), "alast": Variant(alast_model, x, y, controller)}
+    start = timm.create_model(MODEL, pretrained=False, num_classes=CLASSES)
+    data = _data(batch, warmup + measured)
+    runs = {name: Run(name, start) for name in ak.methods.available()}
+    for run in runs.values():
+        for i, (x, y) in enumerate(data):
+            if i >= warmup:
+                run.measure(x, y)
+            run.step(x, y)
+    return runs, data
 
 
-@pytest.fixture(scope="module")
-def counts(variants):
-    """FLOPs of a whole step and saved activation bytes of a forward, per variant (deterministic)."""
-    return {name: {"flops": count_flops(v.step), "saved_bytes": v.saved_bytes()} for name, v in variants.items()}
+def _ratios(runs) -> dict:
+    full = runs["full"]
+    return {name: {key: [a / b for a, b in zip(getattr(run, key), getattr(full, key))]
+                   for key in ("flops", "saved_bytes")} for name, run in runs.items()}
 
 
-@pytest.mark.parametrize("name", ["full", "alast"])
-def test_training_step(benchmark, variants, counts, name):
-    benchmark.group = f"{MODEL} training step, batch {BATCH}, CPU float32"
-    benchmark.extra_info.update(counts[name])
-    benchmark(variants[name].step)
+def _check_targets(ratios) -> None:
+    for name, (flops, saved) in TARGETS.items():
+        if name in ratios:
+            assert max(ratios[name]["flops"]) <= flops, (name, ratios[name])
+            assert max(ratios[name]["saved_bytes"]) <= saved, (name, ratios[name])
 
 
-def test_alast_vs_full(benchmark, variants, counts):
-    """Both variants interleaved in one run; FLOPs and saved-bytes targets asserted, time recorded."""
-    full, alast = variants["full"], variants["alast"]
-    repeats, warmup = (1, 0) if benchmark.disabled else (5, 1)
+def test_steady_state_costs_of_every_method(benchmark):
+    """Deterministic counts; with the benchmark enabled also the timings, written to the results JSON."""
+    smoke = benchmark.disabled
+    batch, warmup, measured = (4, 3, 2) if smoke else (16, 6, 6)
+    runs, data = benchmark.pedantic(_measure_all, args=(batch, warmup, measured), rounds=1, iterations=1)
+    ratios = _ratios(runs)
+    _check_targets(ratios)
+    alast = runs["alast"].method.controller
+    assert len({round(b, 6) for b in alast.budgets}) > 1, "the budgets did not move"
+    if smoke:
+        return
 
-    def compare():
-        overhead_before = alast.controller.overhead_seconds
-        t_full, t_alast = median_seconds([full.step, alast.step], repeats=repeats, warmup=warmup)
-        overhead = (alast.controller.overhead_seconds - overhead_before) / (repeats + warmup)
-        return t_full, t_alast, overhead
-
-    t_full, t_alast, overhead = benchmark.pedantic(compare, rounds=1, iterations=1)
-    last = alast.controller.history[-1]
-    ratios = {
-        "flops": counts["alast"]["flops"] / counts["full"]["flops"],
-        "saved_bytes": counts["alast"]["saved_bytes"] / counts["full"]["saved_bytes"],
-        "time": t_alast / t_full,
-        "controller_overhead": overhead / t_alast,
-    }
-    benchmark.extra_info.update({f"ratio_{k}": v for k, v in ratios.items()})
-    assert math.isclose(sum(last["keep_ratio"]) / len(last["keep_ratio"]), TOKEN_BUDGET, rel_tol=1e-9)
-    assert sum(last["train"]) == TRAIN_LAYERS
-    assert ratios["flops"] <= TARGETS["flops"], ratios
-    assert ratios["saved_bytes"] <= TARGETS["saved_bytes"], ratios
-    if not benchmark.disabled:
-        write_results("cpu_training_step", {
-            "model": MODEL, "batch": BATCH, "image": IMAGE, "dtype": "float32",
-            "token_budget": TOKEN_BUDGET, "train_layers": TRAIN_LAYERS, "repeats": repeats,
-            "threads": torch.get_num_threads(),
-            "full": {**counts["full"], "seconds": t_full},
-            "alast": {**counts["alast"], "seconds": t_alast, "controller_seconds": overhead,
-                      "keep_ratio": last["keep_ratio"], "train": last["train"]},
-            "ratios": ratios, "targets": TARGETS,
-            "met": {k: ratios[k] <= TARGETS[k] for k in TARGETS},
-        })
+    x, y = data[-1]
+    seconds = dict(zip(runs, median_seconds([lambda r=r: r.step(x, y) for r in runs.values()], repeats=5, warmup=1)))
+    compiled = {}
+    for name in ("full", "alast"):
+        run = runs[name]
+        model = torch.compile(run.method.model)
+        for _ in range(3):  # compile, and recompile once the keep counts turn dynamic
+            run.step(x, y, model)
+        eager_s, compiled_s = median_seconds([lambda: run.step(x, y), lambda: run.step(x, y, model)],
+                                             repeats=5, warmup=1)
+        compiled[name] = {"eager_seconds": eager_s, "compiled_seconds": compiled_s, "speedup": eager_s / compiled_s}
+    write_results("cpu_training_step", {
+        "model": MODEL, "batch": batch, "image": IMAGE, "dtype": "float32", "data": "embedded digits at 224x224",
+        "warmup_steps": warmup, "measured_steps": measured, "alast_options": ALAST_OPTIONS,
+        "threads": torch.get_num_threads(),
+        "methods": {name: {**run.record(), "seconds": seconds[name],
+                           "ratio_to_full": {k: {"min": min(v), "median": statistics.median(v), "max": max(v)}
+                                             for k, v in ratios[name].items()},
+                           "seconds_ratio_to_full": seconds[name] / seconds["full"]}
+                    for name, run in runs.items()},
+        "alast_last_plan": alast.history[-1],
+        "alast_controller_seconds_per_step": alast.overhead_seconds / len(alast.history),
+        "compiled_vs_eager": compiled,
+        "targets": TARGETS,
+    })
