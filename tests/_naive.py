@@ -167,3 +167,129 @@ def token_fuse_vit(vit, images, fuse_layers, keep_rate, adapters=None, links=(1,
             out = out + outputs[-1]
         x = out
     return vit.forward_head(vit.norm(x))
+
+
+# --------------------------------------------------------------------------- frozen-backbone methods
+# LoSA and SynQT re-derived in float64 from their descriptions (alast_kernels/methods/losa.py, synqt.py),
+# reading the modules' parameters but none of their code. The backbone's own features come from timm's
+# `forward_intermediates` (and forward pre-hooks for the block inputs), not from the methods' loops.
+
+def _norm(module, x):
+    """A timm LayerNorm (or Identity) by its parameters."""
+    if isinstance(module, torch.nn.Identity):
+        return f64(x)
+    return layer_norm(x, module.weight, module.bias, module.eps)
+
+
+def _linear(module, x):
+    return linear(x, module.weight, module.bias)
+
+
+def _layer_scale(module, x):
+    return f64(x) if isinstance(module, torch.nn.Identity) else f64(x) * f64(module.gamma)
+
+
+def _low_rank_mlp(module, x):
+    """``up(gelu(down(x)))`` of a LowRankMLP-like module with ``down``/``up`` linears."""
+    return _linear(module.up, gelu(_linear(module.down, x), "none"))
+
+
+def vit_head(vit, tokens):
+    """timm's final norm, pooling ('token' or 'avg'), fc_norm and classifier on ``(B, N, D)`` tokens."""
+    t = _norm(vit.norm, tokens)
+    if vit.global_pool == "token":
+        pooled = t[:, 0]
+    elif vit.global_pool == "avg":
+        pooled = t[:, vit.num_prefix_tokens:].mean(dim=1)
+    else:
+        raise NotImplementedError(vit.global_pool)
+    return _linear(vit.head, _norm(vit.fc_norm, pooled))
+
+
+def block_outputs(vit, images):
+    """Every block's output ``(B, N, D)`` (prefix tokens first), from timm's ``forward_intermediates``."""
+    with torch.no_grad():
+        outs = vit.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True,
+                                         intermediates_only=True)
+    return [f64(torch.cat([o[1], o[0]], dim=1)) if isinstance(o, tuple) else f64(o) for o in outs]
+
+
+def block_inputs(vit, images):
+    """Every block's input ``(B, N, D)``, captured by forward pre-hooks while timm runs the model."""
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(f64(args[0]))) for b in vit.blocks]
+    try:
+        with torch.no_grad():
+            vit.forward_intermediates(images, output_fmt="NLC", intermediates_only=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+def losa_logits(model, images):
+    """LoSA: ``a_0 = 0``, ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``, logits from ``b_L + a_L``."""
+    vit = model.backbone
+    outputs = block_outputs(vit, images)
+    a = torch.zeros_like(outputs[0])
+    for b, g in zip(outputs, model.side):
+        u = b + a
+        t = _norm(g.token_norm, u).transpose(1, 2)
+        token_update = _linear(g.token_up, gelu(_linear(g.token_down, t), "none")).transpose(1, 2)
+        v = u + token_update
+        channel_update = _linear(g.channel_up, gelu(_linear(g.channel_down, _norm(g.channel_norm, v)), "none"))
+        a = a + token_update + channel_update
+    return vit_head(vit, outputs[-1] + a)
+
+
+def _near_identity(module, x):
+    return x + linear(linear(x, module.a.weight, None), module.b.weight, None)
+
+
+def _heads(x, num_heads):
+    B, T, A = x.shape
+    return x.reshape(B, T, num_heads, A // num_heads).transpose(1, 2)
+
+
+def synqt_logits(model, images):
+    """SynQT: per block, synthesise queries, read the block's keys/values with its frozen weights; head."""
+    vit = model.backbone
+    B = images.shape[0]
+    previous, vectors = None, []
+    for block, synthesis, x in zip(vit.blocks, model.synthesis, block_inputs(vit, images)):
+        attn = block.attn
+        H, A = attn.num_heads, attn.num_heads * attn.head_dim
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        part = lambda i: (w[i * A:(i + 1) * A], None if bias is None else bias[i * A:(i + 1) * A])  # noqa: E731
+        hx = _norm(block.norm1, x)
+        k = _heads(linear(hx, *part(1)), H)
+        v = _heads(linear(hx, *part(2)), H)
+        if not isinstance(attn.k_norm, torch.nn.Identity):
+            k = _norm(attn.k_norm, k)
+        # query synthesis
+        q_in = f64(synthesis.prompts).unsqueeze(0)
+        if previous is not None:
+            q_in = q_in + f64(synthesis.previous_scale) * previous.unsqueeze(1)
+        q_in = q_in + _low_rank_mlp(synthesis.bottleneck, q_in)
+        mixing = synthesis.mixing
+        scores = _near_identity(mixing.q, q_in) @ _near_identity(mixing.k, q_in).transpose(1, 2)
+        p = softmax(scores / math.sqrt(q_in.shape[-1]))
+        q_in = q_in + f64(synthesis.mix[0]) * _near_identity(mixing.out, p @ _near_identity(mixing.v, q_in))
+        queries = (q_in + f64(synthesis.mix[1]) * _low_rank_mlp(synthesis.adapter, q_in)).expand(B, -1, -1)
+        # knowledge extraction through the frozen block
+        q = _heads(linear(_norm(block.norm1, queries), *part(0)), H)
+        if not isinstance(attn.q_norm, torch.nn.Identity):
+            q = _norm(attn.q_norm, q)
+        o = attention(q, k, v, attn.scale)[0].transpose(1, 2).reshape(B, -1, A)
+        a = _layer_scale(block.ls1, _linear(attn.proj, _norm(attn.norm, o)))
+        y = queries + a
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        m = _layer_scale(block.ls2, mlp(_norm(block.norm2, y), fc1.weight, fc1.bias, fc2.weight, fc2.bias, "none"))
+        z = y + m
+        previous = z.mean(dim=1)
+        vectors += [a.mean(dim=1), m.mean(dim=1), previous]
+    head = model.head
+    r = _norm(head.norm, torch.stack([previous] + vectors, dim=1))
+    r = r + _low_rank_mlp(head.adapter, r)
+    weights = torch.cat([torch.ones(B, 1, dtype=torch.float64), torch.tanh(_linear(head.gate, r[:, 0]))], dim=1)
+    return _linear(head.classifier, _norm(head.final_norm, (weights.unsqueeze(-1) * r).mean(dim=1)))

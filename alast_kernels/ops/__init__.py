@@ -13,10 +13,11 @@ import torch
 
 from .. import backend as _backend
 from . import _checks
+from ._query_attention import query_attention
 
 __all__ = [
     "select_tokens", "gather_tokens", "scatter_tokens", "gather_layer_norm", "attention", "cls_scores",
-    "masked_linear", "masked_mlp", "fuse_tokens",
+    "masked_linear", "masked_mlp", "fuse_tokens", "query_attention",
 ]
 
 _GELU_APPROXIMATIONS = ("none", "tanh")

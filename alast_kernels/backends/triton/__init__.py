@@ -17,6 +17,7 @@ import torch
 from .attention import attention
 from .fuse import fuse_tokens
 from .mlp import masked_linear, masked_mlp
+from .query_attention import query_attention
 from .scores import cls_scores
 from .select import select_tokens
 from .tokens import gather_layer_norm, gather_tokens, scatter_tokens
@@ -31,6 +32,7 @@ OPS = {
     "masked_linear": masked_linear,
     "masked_mlp": masked_mlp,
     "fuse_tokens": fuse_tokens,
+    "query_attention": query_attention,
 }
 
 
