@@ -100,6 +100,75 @@ def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, 
     return softmax(logits).mean(dim=1)
 
 
+def fuse_tokens(x, scores, keep, num_prefix):
+    """Prefix, the ``keep`` tokens :func:`select_tokens` keeps, then ``Σ scores[j] · x[j]`` over the others."""
+    x, s = f64(x), f64(scores)
+    B, N, D = x.shape
+    idx = select_tokens(scores, keep, num_prefix)
+    out = torch.zeros(B, num_prefix + keep + 1, D, dtype=torch.float64)
+    for b in range(B):
+        kept = idx[b].tolist()
+        for j, n in enumerate(kept):
+            out[b, j] = x[b, n]
+        for n in range(num_prefix, N):
+            if n not in kept:
+                out[b, -1] += s[b, n] * x[b, n]
+    return out
+
+
+def fuse_tokens_grad(grad_out, scores, keep, num_prefix):
+    """Gradient of ``Σ fuse_tokens(x) · grad_out`` with respect to ``x``: a kept token's own output gradient,
+    ``scores[j] · grad_out[fused]`` for a dropped token ``j``."""
+    g, s = f64(grad_out), f64(scores)
+    B, N = s.shape
+    idx = select_tokens(scores, keep, num_prefix)
+    grad = torch.empty(B, N, g.shape[2], dtype=torch.float64)
+    for b in range(B):
+        kept = idx[b].tolist()
+        for n in range(N):
+            grad[b, n] = g[b, kept.index(n)] if n in kept else s[b, n] * g[b, -1]
+    return grad
+
+
+def token_fuse_vit(vit, images, fuse_layers, keep_rate, adapters=None, links=(1, 3)):
+    """Logits of a timm ViT with the token fuse and, given ``adapters``, Sparse-Tuning's Dense Adapters,
+    written from the methods' definitions (docs/methods/sparse-tuning.md).
+
+    Attention is computed explicitly and its class-token row read off the probabilities; the fuse is
+    :func:`fuse_tokens` above; norms, MLPs and LayerScale are timm's own modules. Every adapter output is
+    kept and fused along with the tokens; adapter ``l`` reads the outputs ``k`` blocks back for the ``k``
+    in ``links`` with ``k <= l``, through ``link_down`` in that order.
+    """
+    P = vit.num_prefix_tokens
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    outputs = []  # every adapter's output so far, in the current token layout
+    for layer, blk in enumerate(vit.blocks):
+        attn = blk.attn
+        B, N, D = x.shape
+        qkv = attn.qkv(blk.norm1(x)).reshape(B, N, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+        p = softmax((q @ k.transpose(-1, -2)) * attn.scale)  # (B, H, N, N)
+        x = x + blk.ls1(attn.proj((p @ v).transpose(1, 2).reshape(B, N, D)))
+        if layer in fuse_layers:
+            keep = math.ceil(keep_rate * (N - P))
+            if keep < N - P:
+                scores = p[:, :, 0].mean(dim=1)
+                x = fuse_tokens(x, scores, keep, P).to(x.dtype)
+                outputs = [fuse_tokens(t, scores, keep, P).to(t.dtype) for t in outputs]
+        out = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        if adapters is not None:
+            a = adapters[layer]
+            z = x @ a.down.weight.T + a.down.bias
+            back_links = [k for k in links if k <= layer]
+            assert len(a.link_down) == len(back_links), f"adapter {layer}: {len(a.link_down)} dense links"
+            for proj, back in zip(a.link_down, back_links):
+                z = z + outputs[layer - back] @ proj.weight.T
+            outputs.append(torch.relu(z) @ a.up.weight.T + a.up.bias)
+            out = out + outputs[-1]
+        x = out
+    return vit.forward_head(vit.norm(x))
+
+
 # --------------------------------------------------------------------------- frozen-backbone methods
 # LoSA and SynQT re-derived in float64 from their descriptions (alast_kernels/methods/losa.py, synqt.py),
 # reading the modules' parameters but none of their code. The backbone's own features come from timm's

@@ -6,7 +6,7 @@
 from .base import Method, available, create, register, set_trainable
 
 # Each module registers its method(s) on import; the order here is the order `available()` lists.
-from . import full, linear, lora, alast  # noqa: E402,F401  isort: skip
+from . import full, linear, lora, alast, sparse_tuning, evit  # noqa: E402,F401  isort: skip
 from . import losa, synqt  # noqa: E402,F401  isort: skip
 
 __all__ = ["Method", "available", "create", "register", "set_trainable"]

@@ -17,7 +17,7 @@ from ._query_attention import query_attention
 
 __all__ = [
     "select_tokens", "gather_tokens", "scatter_tokens", "gather_layer_norm", "attention", "cls_scores",
-    "masked_linear", "masked_mlp", "query_attention",
+    "masked_linear", "masked_mlp", "fuse_tokens", "query_attention",
 ]
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
@@ -30,14 +30,25 @@ def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch
     the selected tokens, all in ascending index order; equal scores go to the lower index.
     """
     _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
-        raise ValueError(f"num_prefix: expected an int >= 0, got {num_prefix!r}")
-    available = scores.shape[1] - num_prefix
-    # A SymInt under torch.compile: the keep count of a compiled block is a dynamic size.
-    if isinstance(keep, bool) or not isinstance(keep, (int, torch.SymInt)) or not 1 <= keep <= available:
-        raise ValueError(f"keep: expected an int in [1, {available}] (N={scores.shape[1]} tokens less "
-                         f"num_prefix={num_prefix}), got {keep!r}")
+    _checks.prefix_and_keep(num_prefix, keep, scores.shape[1])
     return _backend.implementation("select_tokens", scores.device)(scores, keep, num_prefix)
+
+
+def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch.Tensor:
+    """The prefix, the ``keep`` highest-scoring other tokens and one token fusing the rest.
+
+    x: ``(B, N, D)`` floating point; scores: ``(B, N)`` floating point on ``x``'s device (the class token's
+    attention row; the prefix entries are ignored). Returns ``(B, num_prefix + keep + 1, D)`` in ``x``'s
+    dtype: the prefix tokens, the kept tokens in ascending index order (chosen as :func:`select_tokens`
+    chooses), then ``Σ_j scores[b, j] · x[b, j]`` over the dropped tokens ``j`` (zero when none is
+    dropped). Backward: kept rows get their output gradient, dropped row ``j`` gets ``scores[b, j]`` times
+    the fused token's; ``scores`` get no gradient. Contract: ``docs/ops-fuse-tokens.md``.
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=x.device)
+    _checks.shape("scores", scores, x.shape[:2])
+    _checks.prefix_and_keep(num_prefix, keep, x.shape[1])
+    return _backend.implementation("fuse_tokens", x.device)(x, scores.detach(), keep, num_prefix)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = True) -> torch.Tensor:

@@ -68,3 +68,14 @@ def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, uniqu
         ordered = idx.sort(dim=1).values
         if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
             raise ValueError(f"{name}: expected indices unique within each row")
+
+
+def prefix_and_keep(num_prefix, keep, num_tokens: int) -> None:
+    """``num_prefix`` an int >= 0 and ``keep`` an int in ``[1, num_tokens - num_prefix]``."""
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
+        raise ValueError(f"num_prefix: expected an int >= 0, got {num_prefix!r}")
+    available = num_tokens - num_prefix
+    # A SymInt under torch.compile: the keep count of a compiled block is a dynamic size.
+    if isinstance(keep, bool) or not isinstance(keep, (int, torch.SymInt)) or not 1 <= keep <= available:
+        raise ValueError(f"keep: expected an int in [1, {available}] (N={num_tokens} tokens less "
+                         f"num_prefix={num_prefix}), got {keep!r}")

@@ -5,6 +5,7 @@ Implementations take their arguments already checked by :mod:`alast_kernels.ops`
 import torch
 
 from .attention import attention
+from .fuse import fuse_tokens
 from .mlp import masked_linear, masked_mlp
 from .query_attention import query_attention
 from .scores import cls_scores
@@ -20,6 +21,7 @@ OPS = {
     "cls_scores": cls_scores,
     "masked_linear": masked_linear,
     "masked_mlp": masked_mlp,
+    "fuse_tokens": fuse_tokens,
     "query_attention": query_attention,
 }
 

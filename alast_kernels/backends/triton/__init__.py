@@ -7,13 +7,15 @@ float64 inputs, head dims above 128 and ``k_norm`` scoring run the reference imp
 module's docstring).
 
 One module per op family: ``scores`` (class-token scores), ``select`` (top-k), ``tokens`` (gather,
-scatter, gather + LayerNorm), ``attention`` (flash forward/backward), ``mlp`` (budget-masked MLP).
+scatter, gather + LayerNorm), ``fuse`` (token fuse), ``attention`` (flash forward/backward), ``mlp``
+(budget-masked MLP).
 """
 import os
 
 import torch
 
 from .attention import attention
+from .fuse import fuse_tokens
 from .mlp import masked_linear, masked_mlp
 from .query_attention import query_attention
 from .scores import cls_scores
@@ -29,6 +31,7 @@ OPS = {
     "cls_scores": cls_scores,
     "masked_linear": masked_linear,
     "masked_mlp": masked_mlp,
+    "fuse_tokens": fuse_tokens,
     "query_attention": query_attention,
 }
 

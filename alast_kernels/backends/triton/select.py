@@ -33,12 +33,10 @@ def _sort_keys(s):
 
 
 @triton.jit
-def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = scores_ptr + row * N + P  # the M = N - P candidate scores of this row
-    o_row = out_ptr + row * (P + keep)
+def _threshold(s_row, M, keep, BLOCK: tl.constexpr):
+    """``(T, equal_wanted)`` for the ``M`` candidate scores at ``s_row``: ``T`` is the ``keep``-th largest
+    key; every key above ``T`` is selected, and so are the first ``equal_wanted`` keys equal to ``T``."""
     offs = tl.arange(0, BLOCK)
-
     # Binary search for T, the keep-th largest key: invariant count(key >= lo) >= keep.
     lo = tl.full((), -2147483648, tl.int64)
     hi = tl.full((), 2147483647, tl.int64)
@@ -59,7 +57,26 @@ def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.c
         m = start + offs < M
         key = _sort_keys(tl.load(s_row + start + offs, mask=m, other=0.0).to(tl.float32)).to(tl.int64)
         above += tl.sum((m & (key > threshold)).to(tl.int32), axis=0)
-    equal_wanted = keep - above  # >= 1 by the choice of T
+    return threshold, keep - above  # equal_wanted >= 1 by the choice of T
+
+
+@triton.jit
+def _selected(key, valid, threshold, equal_wanted, equal_seen):
+    """Which keys of one block of candidates (``valid``, in index order) are selected, given ``equal_seen``
+    keys equal to ``T`` in the blocks before; returns (selected mask, count of keys equal to ``T`` here)."""
+    is_equal = (valid & (key == threshold)).to(tl.int32)
+    equal_before = equal_seen + tl.cumsum(is_equal, axis=0) - is_equal
+    chosen = (valid & (key > threshold)) | ((is_equal != 0) & (equal_before < equal_wanted))
+    return chosen, tl.sum(is_equal, axis=0)
+
+
+@triton.jit
+def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = scores_ptr + row * N + P  # the M = N - P candidate scores of this row
+    o_row = out_ptr + row * (P + keep)
+    offs = tl.arange(0, BLOCK)
+    threshold, equal_wanted = _threshold(s_row, M, keep, BLOCK)
 
     # Prefix tokens first, then the selected ones in index order.
     for start in range(0, P, BLOCK):
@@ -70,14 +87,12 @@ def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.c
     for start in range(0, M, BLOCK):
         m = start + offs < M
         key = _sort_keys(tl.load(s_row + start + offs, mask=m, other=0.0).to(tl.float32)).to(tl.int64)
-        is_equal = (m & (key == threshold)).to(tl.int32)
-        equal_before = equal_seen + tl.cumsum(is_equal, axis=0) - is_equal
-        chosen = (m & (key > threshold)) | ((is_equal != 0) & (equal_before < equal_wanted))
+        chosen, equal_here = _selected(key, m, threshold, equal_wanted, equal_seen)
         chosen_i = chosen.to(tl.int32)
         slot = written + tl.cumsum(chosen_i, axis=0) - chosen_i
         tl.store(o_row + P + slot, (P + start + offs).to(tl.int64), mask=chosen)
         written += tl.sum(chosen_i, axis=0)
-        equal_seen += tl.sum(is_equal, axis=0)
+        equal_seen += equal_here
 
 
 @_common.on_tensor_device
