@@ -236,8 +236,11 @@ def load_image_folder(root: str, img_size: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------------- methods
-def method_options(name: str, args, depth: int, seed: int) -> Dict:
-    """The job's options of method ``name`` (ALaST's from the command line; the others use defaults)."""
+def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
+    """The job's options of method ``name``: ALaST's from the command line; EViT lowers its keep rate over
+    the first half of the run (its recipe's schedule, scaled to the run); the others use their defaults."""
+    if name == "evit":
+        return {"schedule_steps": max(1, steps // 2)}
     if name not in ALAST_METHODS:
         return {}
     options = {"token_budget": args.token_budget, "train_layers": args.train_layers, "policy": args.policy,
@@ -252,7 +255,8 @@ def fine_tune(name: str, start: torch.nn.Module, train_set, test_set, args, devi
               steps: int, show: bool, probes: int, rank: int = 0, world: int = 1) -> Dict:
     """One run of method ``name`` from a copy of ``start``: training, accuracy, costs."""
     torch.manual_seed(seed)
-    method = ak.methods.create(name, copy.deepcopy(start), **method_options(name, args, len(start.blocks), seed))
+    options = method_options(name, args, len(start.blocks), seed, steps)
+    method = ak.methods.create(name, copy.deepcopy(start), **options)
     model = method.model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
