@@ -38,14 +38,15 @@ import torch.distributed as dist
 import alast_kernels as ak
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_canvas import TensorImages, digit_tasks  # noqa: E402
+from digits_canvas import DigitCanvas, TensorImages, digit_tasks  # noqa: E402
 from report import layer_table, method_table, plot_budgets, plot_pareto, write_json  # noqa: E402
 from starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text, starting_weights  # noqa: E402
-from training import evaluate, inference_cost, train  # noqa: E402
+from training import cached_epochs, evaluate, inference_cost, train  # noqa: E402
 
 # The default comparison, in this order; methods this install lacks are left out with a note.
 DEFAULT_METHODS = ("full", "alast", "sparse_tuning", "lora", "synqt", "losa")
 ALAST_METHODS = ("alast", "alast+lora")
+CACHE_METHODS = ("synqt", "losa")  # methods with a feature cache
 
 
 TEST_VIEWS = 4  # positions each held-out digit is rendered at
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat every run with seeds --seed, --seed+1, ...; the table shows mean ± std")
     p.add_argument("--equal-time", action="store_true",
                    help="also train each method for as many steps as fit in full fine-tuning's wall time")
+    p.add_argument("--feature-cache", type=_positive, default=None, metavar="MIB",
+                   help="also measure the frozen-backbone methods' feature cache (at most MIB MiB): two epochs "
+                        "over the training images rendered once (no augmentation), the first filling the cache")
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR",
                       help="ImageFolder data (DIR/<class>/<image>, or DIR/train and DIR/val|test); held in "
@@ -383,7 +387,7 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
     say(f"methods:  {', '.join(args.methods)}" + (f" (not in this install: {', '.join(skipped)})" if skipped else ""))
     say(f"training: {args.steps} steps x batch {args.batch_size}, AdamW (warm-up + cosine), lr {args.lr:g} "
         f"(backbone) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
-        f"seeds {args.seed}..{args.seed + args.seeds - 1}", flush=True)
+        + (f"seeds {args.seed}..{args.seed + args.seeds - 1}" if args.seeds > 1 else f"seed {args.seed}"), flush=True)
 
     runs: Dict[str, List[Dict]] = {name: [] for name in args.methods}
     for seed in range(args.seed, args.seed + args.seeds):
@@ -406,6 +410,20 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
                                   rank, world)
                 run["equal_time"] = {"steps": steps, "accuracy": again["accuracy"],
                                      "train_seconds": again["train_seconds"]}
+    cache = {}
+    if args.feature_cache and not isinstance(train_set, DigitCanvas):
+        say("feature cache: measured on the embedded digits only (their training images can be rendered once)")
+    elif args.feature_cache:
+        fixed = train_set.fixed(args.seed + 7)  # every training digit once, at a fixed position
+        for name in (n for n in CACHE_METHODS if n in args.methods):
+            torch.manual_seed(args.seed)
+            method = ak.methods.create(name, copy.deepcopy(head_start))
+            try:
+                cache[name] = cached_epochs(method, fixed, epochs=2, batch_size=args.batch_size, lr=args.adapter_lr,
+                                            weight_decay=args.weight_decay, seed=args.seed, device=device,
+                                            max_bytes=args.feature_cache * 2**20)
+            except ValueError as e:  # the cache would not fit the limit given: the message has both sizes
+                raise SystemExit(f"--feature-cache {args.feature_cache}: {e}") from None
     summary = {name: summarise(r) for name, r in runs.items()}
     for name, r in runs.items():
         if all("equal_time" in x for x in r):
@@ -418,7 +436,7 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         "data": {"text": data_text, "classes": classes, "train_size": len(train_set), "test_size": len(test_set),
                  "num_patches": num_patches},
         "start_weights": weights, "methods": args.methods, "seeds": list(range(args.seed, args.seed + args.seeds)),
-        "runs": runs, "summary": summary,
+        "runs": runs, "summary": summary, "feature_cache": cache,
     }
     if "full" in summary:
         full = summary["full"]
@@ -434,6 +452,10 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
     say(method_table(summary, seeds=args.seeds, memory_kind=runs[args.methods[0]][0].get("memory_kind")))
     say(f"\nFLOPs: forward+backward matmuls and attention (torch.utils.flop_counter), mean of {args.probes} measured "
         f"steps x {args.steps} steps; memory: max over the same steps; inference on 64 held-out images.")
+    for name, c in cache.items():
+        say(f"{name} with its feature cache ({c['cache_bytes'] / 2**20:.1f} MiB, {len(train_set)} images rendered "
+            f"once): epoch 1 {c['epoch_seconds'][0]:.1f} s (fills it), epoch 2 {c['epoch_seconds'][1]:.1f} s "
+            f"-> {c['speedup_epoch2']:.1f}x")
     paths = [os.path.join(args.out, "pareto.png")]
     plot_pareto(summary, paths[0], f"{args.model} ({model_kwargs_text(start)}), {args.steps} steps, "
                 f"{args.seeds} seed(s), {record['machine']['cpu'] or device}")

@@ -313,3 +313,14 @@ def test_the_job_runs_under_torchrun(tmp_path, cache_dir):
     saved = json.loads((out / "results.json").read_text())
     assert saved["world_size"] == 2 and set(saved["runs"]) == {"full", "alast"}
     assert len(saved["runs"]["alast"][0]["history"]) == 4
+
+
+def test_feature_cache_measurement(tmp_path, cache_dir, capsys):
+    record = finetune.main(TINY + ["--methods", "losa", "--feature-cache", "256", "--out", str(tmp_path / "out"),
+                                   "--cache-dir", cache_dir])
+    cache = record["feature_cache"]["losa"]
+    assert len(cache["epoch_seconds"]) == 2 and cache["speedup_epoch2"] > 1
+    assert cache["cache_bytes"] > 0
+    assert "losa with its feature cache" in capsys.readouterr().out
+    message = _exit_message(["--methods", "losa", "--feature-cache", "1"], tmp_path, cache_dir)
+    assert "max_bytes" in message
