@@ -96,12 +96,12 @@ cudaError_t launch_cls_scores(const void* x, const float* u, float* logits, floa
   if (B * N == 0) return cudaSuccess;
   const cudaError_t status = dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using E = decltype(tag);
-    token_logits_kernel<E><<<grid_for(B * N, kThreads / 32), kThreads, 0, stream>>>(
+    ALAST_LAUNCH(grid_for(B * N, kThreads / 32), kThreads, 0, stream, token_logits_kernel<E>)(
         static_cast<const typename E::raw*>(x), u, logits, B, N, D, H, eps);
     return cudaGetLastError();
   });
   if (status != cudaSuccess) return status;
-  head_softmax_mean_kernel<<<grid_for(B, 1), kThreads, 0, stream>>>(logits, out, B, N, H);
+  ALAST_LAUNCH(grid_for(B, 1), kThreads, 0, stream, head_softmax_mean_kernel)(logits, out, B, N, H);
   return cudaGetLastError();
 }
 

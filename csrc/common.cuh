@@ -1,15 +1,25 @@
 // Device helpers shared by the kernels: element conversion, the device-side index check, launch sizes.
 #pragma once
 
+#include <cstdint>
+#include <cstdio>
+
+#ifdef ALAST_EMULATION
+// The same kernels compiled as host C++: csrc/emulation/simt.h provides the CUDA execution model.
+#include "emulation/simt.h"
+#else
 // Device-side index checks stay on in release builds (see ALAST_DEVICE_CHECK).
 #undef NDEBUG
 #include <assert.h>
 
-#include <cstdint>
-#include <cstdio>
-
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// kernel<<<grid, block, shared, stream>>>(args...), written so that the emulation build can run it on the host.
+#define ALAST_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+// The block's dynamic shared memory as an array of `type` (bounds-checked in the emulation build).
+#define ALAST_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 #include "launchers.h"
 
@@ -54,6 +64,13 @@ inline cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
 // A bad index found on the device (the host did not read the indices): print it and fail a device-side
 // assertion, as PyTorch's own index kernels do (the CUDA context is unusable afterwards). Callers skip the
 // access too, so nothing is read or written out of bounds even where assertions are compiled out.
+// The emulation build stops the launch with the message instead (the op then raises it).
+#ifdef ALAST_EMULATION
+#define ALAST_DEVICE_CHECK(cond, ...)                                                                \
+  do {                                                                                               \
+    if (!(cond)) ::alast::emu::device_assert(#cond, __FILE__, __LINE__, "alast_kernels: " __VA_ARGS__); \
+  } while (0)
+#else
 #define ALAST_DEVICE_CHECK(cond, ...)                                                  \
   do {                                                                                 \
     if (!(cond)) {                                                                     \
@@ -61,6 +78,7 @@ inline cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
       assert(cond);                                                                    \
     }                                                                                  \
   } while (0)
+#endif
 
 // Grid size for grid-stride loops over `work` items of `per_block` each.
 inline unsigned int grid_for(int64_t work, int64_t per_block) {

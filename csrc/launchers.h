@@ -5,7 +5,11 @@
 
 #include <cstdint>
 
+#ifdef ALAST_EMULATION
+#include "emulation/simt.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 namespace alast {
 

@@ -5,22 +5,45 @@
 // was expected, so the checks are testable on machines without a GPU. Index values are not read on the
 // host (that would synchronise): the kernels check them on the device, and alast_kernels.ops checks them
 // on the host first unless told not to.
-#include <Python.h>
+//
+// Compiled a second time with ALAST_EMULATION (alast_kernels/_cuda_emulation.py) against the kernels built
+// as host C++: then the wrappers take CPU tensors and are registered for CPU only.
+#ifndef ALAST_EMULATION
+#include <Python.h>  // first, as Python asks
+#endif
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
 #include <string>
 
+#ifndef ALAST_EMULATION
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include "launchers.h"
 
 namespace alast {
 namespace {
+
+// Where the kernels run: the tensors' CUDA device, or the host in the emulation build.
+#ifdef ALAST_EMULATION
+constexpr const char* kDeviceKind = "CPU";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+constexpr const char* kDeviceKind = "CUDA";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#endif
 
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
@@ -48,11 +71,12 @@ void check_index(const char* op, const at::Tensor& idx, const at::Tensor& x) {
   TORCH_CHECK(idx.size(1) <= kMaxInt32, "alast::", op, ": idx may hold at most ", kMaxInt32, " indices per row");
 }
 
-// Last check of every op: all tensors on one CUDA device (the message names the first that is not).
-void check_cuda(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+// Last check of every op: all tensors on one device of the kernels' kind (the message names the first that is not).
+void check_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
   const at::Tensor& first = *tensors.begin()->second;
   for (const auto& [name, t] : tensors) {
-    TORCH_CHECK(t->is_cuda(), "alast::", op, ": ", name, " must be a CUDA tensor, got one on ", t->device());
+    TORCH_CHECK(on_kernel_device(*t), "alast::", op, ": ", name, " must be a ", kDeviceKind, " tensor, got one on ",
+                t->device());
     TORCH_CHECK(t->device() == first.device(), "alast::", op, ": ", name, " must be on ", first.device(),
                 " like ", tensors.begin()->first, ", got ", t->device());
   }
@@ -71,13 +95,13 @@ at::Tensor select_tokens(const at::Tensor& scores, int64_t keep, int64_t num_pre
               ") for scores of shape ", scores.sizes(), ", got ", num_prefix);
   TORCH_CHECK(keep >= 1 && keep <= n - num_prefix, "alast::select_tokens: keep must be in [1, ", n - num_prefix,
               "] (", n, " tokens less num_prefix=", num_prefix, "), got ", keep);
-  check_cuda("select_tokens", {{"scores", &scores}});
+  check_device("select_tokens", {{"scores", &scores}});
 
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   at::Tensor out = at::empty({scores.size(0), num_prefix + keep}, scores.options().dtype(at::kLong));
   check_launch("select_tokens",
                launch_select_tokens(scores.data_ptr(), dtype, scores.size(0), n, keep, num_prefix,
-                                    out.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
+                                    out.data_ptr<int64_t>(), current_stream()));
   return out;
 }
 
@@ -85,23 +109,23 @@ at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
   check_layout("gather_tokens", "x", x, 3);
   float_dtype("gather_tokens", "x", x);
   check_index("gather_tokens", idx, x);
-  check_cuda("gather_tokens", {{"x", &x}, {"idx", &idx}});
+  check_device("gather_tokens", {{"x", &x}, {"idx", &idx}});
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t B = x.size(0), N = x.size(1), K = idx.size(1), D = x.size(2);
   at::Tensor out = at::empty({B, K, D}, x.options());
   check_launch("gather_tokens", launch_gather_rows(x.data_ptr(), idx.data_ptr<int64_t>(), out.data_ptr(), B, N,
                                                    K, D * int64_t(x.element_size()),
-                                                   c10::cuda::getCurrentCUDAStream()));
+                                                   current_stream()));
   return out;
 }
 
 // out (B, N, D) = base (or zeros) + src (B, K, D) added at the rows idx names.
 at::Tensor scatter_rows(const char* op, const at::Tensor* base, const at::Tensor& src, const at::Tensor& idx,
                         int64_t N, bool unique) {
-  const c10::cuda::CUDAGuard guard(src.device());
+  const DeviceGuard guard(src.device());
   const int64_t B = src.size(0), K = src.size(1), D = src.size(2);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   at::Tensor head = at::empty({B, N}, idx.options().dtype(at::kInt));
   at::Tensor next = at::empty({B, K}, idx.options().dtype(at::kInt));
   at::Tensor out = at::empty({B, N, D}, src.options());
@@ -120,7 +144,7 @@ at::Tensor gather_tokens_backward(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(idx.size(1) == grad_out.size(1), "alast::gather_tokens_backward: idx must have ", grad_out.size(1),
               " columns like grad_out's dim 1, got ", idx.size(1));
   TORCH_CHECK(num_tokens >= 0, "alast::gather_tokens_backward: num_tokens must be >= 0, got ", num_tokens);
-  check_cuda("gather_tokens_backward", {{"grad_out", &grad_out}, {"idx", &idx}});
+  check_device("gather_tokens_backward", {{"grad_out", &grad_out}, {"idx", &idx}});
   return scatter_rows("gather_tokens_backward", nullptr, grad_out, idx, num_tokens, /*unique=*/false);
 }
 
@@ -136,7 +160,7 @@ at::Tensor scatter_tokens(const at::Tensor& x, const at::Tensor& idx, const at::
               "], got ", delta.sizes());
   TORCH_CHECK(idx.size(1) <= x.size(1), "alast::scatter_tokens: idx must have at most ", x.size(1),
               " (unique) indices per row, got ", idx.size(1));
-  check_cuda("scatter_tokens", {{"x", &x}, {"idx", &idx}, {"delta", &delta}});
+  check_device("scatter_tokens", {{"x", &x}, {"idx", &idx}, {"delta", &delta}});
   return scatter_rows("scatter_tokens", &x, delta, idx, x.size(1), /*unique=*/true);
 }
 
@@ -151,15 +175,15 @@ at::Tensor cls_scores(const at::Tensor& x, const at::Tensor& u, double eps) {
   TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1, "alast::cls_scores: x must have at least one token and channel, "
               "got shape ", x.sizes());
   TORCH_CHECK(eps >= 0.0, "alast::cls_scores: eps must be >= 0, got ", eps);
-  check_cuda("cls_scores", {{"x", &x}, {"u", &u}});
+  check_device("cls_scores", {{"x", &x}, {"u", &u}});
 
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), H = u.size(1);
   at::Tensor logits = at::empty({B, H, N}, u.options());
   at::Tensor out = at::empty({B, N}, u.options());
   check_launch("cls_scores", launch_cls_scores(x.data_ptr(), u.data_ptr<float>(), logits.data_ptr<float>(),
                                                out.data_ptr<float>(), dtype, B, N, D, H, float(eps),
-                                               c10::cuda::getCurrentCUDAStream()));
+                                               current_stream()));
   return out;
 }
 
@@ -174,7 +198,6 @@ TORCH_LIBRARY(alast, m) {
   m.def("cls_scores(Tensor x, Tensor u, float eps) -> Tensor");
 }
 
-// CPU: the same wrappers, so every argument check runs and the device check explains the failure.
 #define ALAST_REGISTER(m)                                              \
   m.impl("select_tokens", &alast::select_tokens);                      \
   m.impl("gather_tokens", &alast::gather_tokens);                      \
@@ -182,8 +205,12 @@ TORCH_LIBRARY(alast, m) {
   m.impl("scatter_tokens", &alast::scatter_tokens);                    \
   m.impl("cls_scores", &alast::cls_scores);
 
-TORCH_LIBRARY_IMPL(alast, CUDA, m) { ALAST_REGISTER(m) }
+// CPU: the emulated kernels; or, in the CUDA build, the same wrappers so that every argument check runs
+// and the device check explains the failure.
 TORCH_LIBRARY_IMPL(alast, CPU, m) { ALAST_REGISTER(m) }
+#ifndef ALAST_EMULATION
+TORCH_LIBRARY_IMPL(alast, CUDA, m) { ALAST_REGISTER(m) }
+#endif
 
 // Outputs without a gradient (indices; scores that DESIGN.md defines as constants): autograd passes them
 // through. gather/scatter get their backward from alast_kernels.backends.cuda's autograd.Functions.
@@ -192,9 +219,11 @@ TORCH_LIBRARY_IMPL(alast, Autograd, m) {
   m.impl("cls_scores", torch::CppFunction::makeFallthrough());
 }
 
+#ifndef ALAST_EMULATION
 // `import alast_kernels._C` loads this library, whose static initialisers above register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "alast_kernels CUDA ops (see torch.ops.alast)", -1,
                                nullptr};
   return PyModule_Create(&module);
 }
+#endif

@@ -46,7 +46,7 @@ __device__ __forceinline__ void block_count_scan(bool flag, int* warp_counts, in
 template <typename E, bool kCached>
 __global__ void select_tokens_kernel(const typename E::raw* __restrict__ scores, int64_t rows, int n,
                                      int keep, int num_prefix, int64_t* __restrict__ out) {
-  extern __shared__ uint32_t cached_keys[];
+  ALAST_DYNAMIC_SHARED(uint32_t, cached_keys);
   __shared__ int hist[kBins];
   __shared__ int warp_counts[32];
   __shared__ uint32_t s_prefix;
@@ -141,9 +141,9 @@ cudaError_t launch(const void* scores, int64_t rows, int n, int keep, int num_pr
   const auto* s = static_cast<const typename E::raw*>(scores);
   if (m <= kMaxCachedTokens) {
     const size_t smem = size_t(m) * sizeof(uint32_t);
-    select_tokens_kernel<E, true><<<grid, threads, smem, stream>>>(s, rows, n, keep, num_prefix, out);
+    ALAST_LAUNCH(grid, threads, smem, stream, select_tokens_kernel<E, true>)(s, rows, n, keep, num_prefix, out);
   } else {
-    select_tokens_kernel<E, false><<<grid, threads, 0, stream>>>(s, rows, n, keep, num_prefix, out);
+    ALAST_LAUNCH(grid, threads, 0, stream, select_tokens_kernel<E, false>)(s, rows, n, keep, num_prefix, out);
   }
   return cudaGetLastError();
 }

@@ -45,7 +45,7 @@ cudaError_t launch_gather(const void* x, const int64_t* idx, void* out, int64_t 
                           int64_t row_bytes, cudaStream_t stream) {
   const int64_t vectors = row_bytes / int64_t(sizeof(V));
   const dim3 block = row_block(vectors);
-  gather_rows_kernel<V><<<grid_for(B * K, block.y), block, 0, stream>>>(
+  ALAST_LAUNCH(grid_for(B * K, block.y), block, 0, stream, gather_rows_kernel<V>)(
       static_cast<const V*>(x), idx, static_cast<V*>(out), B, N, K, vectors);
   return cudaGetLastError();
 }
@@ -111,7 +111,7 @@ cudaError_t launch_scatter(const void* base, const void* src, const int32_t* hea
                            int64_t B, int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
   using raw = typename E::raw;
   const dim3 block = row_block(D / VEC);
-  scatter_rows_kernel<E, VEC><<<grid_for(B * N, block.y), block, 0, stream>>>(
+  ALAST_LAUNCH(grid_for(B * N, block.y), block, 0, stream, scatter_rows_kernel<E, VEC>)(
       static_cast<const raw*>(base), static_cast<const raw*>(src), head, next, static_cast<raw*>(out), B, N, K, D);
   return cudaGetLastError();
 }
@@ -145,7 +145,7 @@ cudaError_t launch_index_links(const int64_t* idx, int64_t B, int64_t N, int64_t
     if (status != cudaSuccess) return status;
   }
   if (B * K == 0) return cudaSuccess;
-  index_links_kernel<<<grid_for(B * K, kThreads), kThreads, 0, stream>>>(idx, B, N, K, unique, head, next);
+  ALAST_LAUNCH(grid_for(B * K, kThreads), kThreads, 0, stream, index_links_kernel)(idx, B, N, K, unique, head, next);
   return cudaGetLastError();
 }
 
