@@ -1,7 +1,9 @@
 """Set-up shared by tests/ and benchmarks/.
 
 Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before Triton
-reads it, so it is set here, before anything imports triton (importing torch or alast_kernels may).
+reads it, so it is set here, before anything imports triton (importing torch or alast_kernels may). The
+CUDA kernels run under the CUDA emulation (built on first use, see alast_kernels/_cuda_emulation.py): the
+process must choose it before the first cuda op loads a library, so it is chosen here too.
 """
 import os
 
@@ -9,6 +11,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("ALAST_CUDA_EMULATION", "1")
 
 import pytest  # noqa: E402
 
@@ -17,7 +20,7 @@ from alast_kernels import _extension  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cuda():
-    """The cuda backend module; skips where the compiled extension cannot be used."""
+    """The cuda backend module (emulated on the CPU without a GPU); skips where it cannot be loaded."""
     try:
         _extension.load()
     except ImportError as exc:

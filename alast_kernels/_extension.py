@@ -5,15 +5,21 @@ extension was compiled for. :func:`check_build` compares them with the running o
 shared library (cheap enough for ``import alast_kernels``); :func:`load` imports ``_C``. A mismatch or a
 failed load gives ONE warning that names both sides, and the ``cuda`` backend is then unavailable (ops
 fall back to ``triton``/``reference``) instead of failing with an undefined-symbol error.
+
+With ``ALAST_CUDA_EMULATION=1``, :func:`load` loads the emulated kernels instead
+(:mod:`alast_kernels._cuda_emulation`): both register ``torch.ops.alast``, so one process has one of them.
 """
 from __future__ import annotations
 
 import importlib
 import platform
+import sys
 import warnings
 from typing import Dict, Optional
 
 import torch
+
+from . import _cuda_emulation
 
 _REBUILD = ("reinstall alast_kernels for this environment (pip install --no-build-isolation . with "
             "ALAST_FORCE_CUDA=1 without a GPU, or the wheel built for this torch and CUDA)")
@@ -87,12 +93,22 @@ def check_build() -> Optional[str]:
 
 
 def load() -> None:
-    """Import ``alast_kernels._C`` (registering ``torch.ops.alast``); ``ImportError`` with the reason if it
-    cannot be used. A mismatch or a failed load also warns once; an install built without the extension
-    does not (that was asked for)."""
+    """Import ``alast_kernels._C`` (registering ``torch.ops.alast``), or the emulated kernels under
+    ``ALAST_CUDA_EMULATION=1``; ``ImportError`` with the reason if it cannot be used. A mismatch or a failed
+    load of ``_C`` also warns once; an install built without the extension does not (that was asked for)."""
     global _loaded
     if _loaded:
         return
+    if _cuda_emulation.requested():
+        if "alast_kernels._C" in sys.modules:
+            raise ImportError(f"{_cuda_emulation.ENV}=1 but alast_kernels._C is already loaded in this process; "
+                              "choose the emulation before the first cuda op runs")
+        _cuda_emulation.load()
+        _loaded = True
+        return
+    if _cuda_emulation.loaded():
+        raise ImportError(f"the CUDA emulation is loaded in this process ({_cuda_emulation.ENV} was set when the "
+                          "first cuda op ran): alast_kernels._C cannot be loaded beside it")
     info = build_info()
     if not info or not info.get("EXTENSION"):
         raise ImportError("alast_kernels was installed without its CUDA extension (no CUDA toolkit or GPU at "

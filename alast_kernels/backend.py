@@ -1,41 +1,43 @@
-"""Backend selection: which implementation of each op runs.
+"""Backend selection: which implementation of each op runs, decided from the backends' declarations.
 
 Three backends implement the op contracts of :mod:`alast_kernels.ops`:
 
 ``reference``  pure PyTorch, any device and dtype; the oracle the others are tested against.
 ``triton``     fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
-``cuda``       the compiled extension ``alast_kernels._C`` (CUDA tensors).
+``cuda``       the compiled extension ``alast_kernels._C`` (CUDA tensors; CPU tensors under
+               ``ALAST_CUDA_EMULATION=1``, see :mod:`alast_kernels._cuda_emulation`).
 
-Each backend is a module under ``alast_kernels.backends`` that defines
+Each backend declares, per op, what it runs (:mod:`alast_kernels.backends.support`). For every call
+:func:`implementation` walks the candidates — the forced backend first, then the ``auto`` order for the
+device — and takes the first one that can run it; the others are skipped with a reason. Falling back to
+something other than what was asked for (a forced backend that cannot run the call, or ``auto`` ending on
+the slow reference on a GPU) warns once per op and reason, here and nowhere else.
 
-* ``OPS``: a dict from op name to a callable with the op's public signature, and
-* ``supports(device) -> bool``: whether its kernels can run on tensors of ``device``.
-
-Modules are imported lazily, on the first op call that may use them, so importing
-``alast_kernels`` never compiles or loads a kernel. A backend that fails to import, lacks an op or cannot
-run on a device is skipped; when that means running something slower than was asked for, a warning is
-issued once per (backend, op, reason).
+Backend modules are imported lazily, on the first call that may use them, so importing ``alast_kernels``
+never compiles or loads a kernel.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from . import backends as _package
+from .backends.support import Call, Supports, dtype_name
 
 BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
 # `auto` tries these in order for tensors on a CUDA device; per-op entries override the default.
-# The order records which backend measured faster for each op (README, "Backends").
+# The order records which backend measured faster for each op (README, "Ops and backends").
 AUTO_ORDER_CUDA: Dict[str, Tuple[str, ...]] = {}
 _DEFAULT_CUDA_ORDER: Tuple[str, ...] = ("cuda", "triton", "reference")
 
 _selected: Optional[str] = None
-_modules: Dict[str, object] = {}
-_import_errors: Dict[str, str] = {}
+_import_errors: Dict[str, str] = {}  # backends whose import failed, and why: not tried again
 _warned: set = set()
 
 
@@ -62,66 +64,86 @@ def get_backend() -> str:
     return _selected if _selected is not None else _env_backend()
 
 
-def _load(name: str):
-    """Import backend ``name`` once; ``None`` (with the reason kept) when it cannot be imported."""
-    if name in _modules:
-        return _modules[name]
+def load(name: str):
+    """Backend module ``name``, imported once; ``None`` (with the reason kept) when it cannot be imported.
+
+    The imported module is an attribute of the ``alast_kernels.backends`` package, and that is where
+    :func:`implementation` finds it: under ``torch.compile`` a module attribute is read as it is when the
+    lookup is traced, whereas a dict of loaded modules would be read as it was before the first import.
+    """
+    module = getattr(_package, name, None)
+    if module is not None or name in _import_errors:
+        return module
     try:
-        module = importlib.import_module(f"alast_kernels.backends.{name}")
+        return importlib.import_module(f"alast_kernels.backends.{name}")
     except Exception as exc:  # a missing triton, a failed extension load, ...: all mean "not available"
         _import_errors[name] = f"{type(exc).__name__}: {exc}"
-        module = None
-    _modules[name] = module
-    return module
+        return None
 
 
-def unavailable_reason(name: str, op: str, device: torch.device) -> Optional[str]:
-    """Why backend ``name`` cannot run ``op`` on ``device``; ``None`` when it can."""
-    module = _load(name)
+def import_error(name: str) -> Optional[str]:
+    """Why backend ``name`` could not be imported (``None`` when it was, or was not tried yet)."""
+    return _import_errors.get(name)
+
+
+def declaration(module, op: str) -> Supports:
+    """What ``module``'s implementation of ``op`` runs."""
+    return module.SUPPORTS.get(op, module.DEFAULT_SUPPORT)
+
+
+def refusal(name: str, op: str, call: Call) -> Optional[str]:
+    """Why backend ``name`` cannot run ``op`` for ``call``; ``None`` when it can."""
+    module = load(name)
     if module is None:
-        return f"backend {name!r} could not be loaded ({_import_errors[name]})"
+        return f"could not be loaded ({_import_errors[name]})"
     if op not in module.OPS:
-        return f"backend {name!r} has no {op!r} kernel"
-    if not module.supports(device):
-        return f"backend {name!r} does not run on {device.type} tensors"
-    return None
+        return f"has no {op} kernel"
+    reasons = declaration(module, op).refusals(call)
+    if not reasons:
+        device = module.device_refusal(call.device)  # declared for this device, but not usable right now?
+        reasons = [device] if device else []
+    return "; ".join(reasons) or None
 
 
-def _warn_once(key: tuple, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+def candidates(op: str, device: str, choice: str) -> Tuple[str, ...]:
+    """Backends to try, in order: the forced one first, then the ``auto`` order for ``device``."""
+    order = AUTO_ORDER_CUDA.get(op, _DEFAULT_CUDA_ORDER) if device == "cuda" else ("reference",)
+    if choice == "auto":
+        return order
+    return (choice,) + tuple(name for name in order if name != choice)
 
 
-def implementation(op: str, device: torch.device) -> Callable:
-    """The callable that runs ``op`` for tensors on ``device`` under the current backend choice."""
-    return _modules[_choose(op, torch.device(device).type, get_backend())].OPS[op]
+def implementation(op: str, device, dtype: Optional[torch.dtype] = None, **facts) -> Callable:
+    """The callable that runs ``op`` for a call on ``device`` computing in ``dtype`` (with the op's other
+    facts, e.g. ``head_dim=64``, ``k_norm=False``: see :class:`~alast_kernels.backends.support.Call`)."""
+    device_type = torch.device(device).type
+    name = _choose(op, device_type, dtype_name(dtype), tuple(sorted(facts.items())), get_backend())
+    return getattr(_package, name).OPS[op]
 
 
 # Under torch.compile the choice (which imports backend modules on first use) runs eagerly at trace time
 # and its result, a backend name, is baked into the graph: an import cannot be traced, even with
-# fullgraph=True from a cold start. Its arguments are all it depends on, so the graph stays right.
+# fullgraph=True from a cold start. Its arguments (plain constants) are all it depends on, so the graph
+# stays right; the module lookup happens outside, in `implementation` (see `load` for why it reads the
+# package's attribute).
 @torch._dynamo.assume_constant_result
-def _choose(op: str, device_type: str, choice: str) -> str:
-    device = torch.device(device_type)
-    if choice == "auto":
-        if device.type == "cuda":
-            candidates = AUTO_ORDER_CUDA.get(op, _DEFAULT_CUDA_ORDER)
-        else:
-            candidates = ("reference",)
-    else:
-        # A forced backend first; for an op it lacks, the next best that `auto` would use.
-        rest = AUTO_ORDER_CUDA.get(op, _DEFAULT_CUDA_ORDER) if device.type == "cuda" else ("reference",)
-        candidates = (choice,) + tuple(name for name in rest if name != choice)
-
-    first_reason = None
-    for name in candidates:
-        reason = unavailable_reason(name, op, device)
+def _choose(op: str, device: str, dtype: Optional[str], facts: tuple, choice: str) -> str:
+    call = Call(device, dtype, **dict(facts))
+    tried = candidates(op, device, choice)
+    skipped: List[str] = []
+    for name in tried:
+        reason = refusal(name, op, call)
         if reason is None:
-            # A forced backend that cannot run warns; so does `auto` when it ends on the slow oracle.
-            if first_reason is not None and (choice != "auto" or name == "reference"):
-                _warn_once((candidates[0], op, first_reason),
-                           f"alast_kernels: {op} falls back to the {name} backend: {first_reason}")
+            if skipped and (choice != "auto" or name == "reference"):
+                _warn_once(op, name, skipped)
             return name
-        first_reason = first_reason or reason
-    raise RuntimeError(f"alast_kernels: no backend can run {op!r} on {device}: {first_reason}")
+        skipped.append(f"{name}: {reason}")
+    raise RuntimeError(f"alast_kernels: no backend can run {op} on {device} ({'; '.join(skipped)})")
+
+
+def _warn_once(op: str, name: str, skipped: List[str]) -> None:
+    key = (op, name, tuple(skipped))
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"alast_kernels: {op} falls back to the {name} backend ({'; '.join(skipped)})",
+                      RuntimeWarning, stacklevel=4)

@@ -1,12 +1,21 @@
-"""Backend choice: ``set_backend``/``get_backend``/``ALAST_BACKEND`` and the fallback of a forced backend."""
+"""Backend choice: ``set_backend``/``get_backend``/``ALAST_BACKEND``, dispatch from the backends' declared
+capabilities with one warning per fallback, and the choice under ``torch.compile``."""
+import os
+import subprocess
+import sys
+import textwrap
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+import alast_kernels.backends
 from alast_kernels import backend, get_backend, ops, set_backend
+from alast_kernels.backends.support import FLOAT_DTYPES, Call, Supports
 
+ROOT = Path(__file__).resolve().parents[1]
 
 OP_CALLS = {
     "select_tokens": lambda: ops.select_tokens(torch.rand(2, 9), 3),
@@ -31,6 +40,23 @@ def _clean_state(monkeypatch):
     monkeypatch.delenv("ALAST_BACKEND", raising=False)
 
 
+def _runtime_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _install(monkeypatch, name, module):
+    """``module`` as backend ``name`` for the test (``None``: a backend whose import failed)."""
+    monkeypatch.setattr(alast_kernels.backends, name, module, raising=False)
+
+
+def fake_backend(ops_, supports=None, default=None, refuse_device=None):
+    """A backend module: ``ops_`` and their declarations; ``refuse_device(device_type)`` -> reason or None."""
+    return types.SimpleNamespace(
+        OPS=ops_, SUPPORTS=supports or {}, DEFAULT_SUPPORT=default or Supports(devices=("cpu", "cuda")),
+        device_refusal=refuse_device or (lambda device_type: None), DEVICES_NOTE="fake")
+
+
+# ------------------------------------------------------------------------------------------ the choice
 def test_default_is_auto():
     assert get_backend() == "auto"
 
@@ -68,66 +94,188 @@ def test_bad_environment_variable_raises_naming_it(monkeypatch):
         ops.select_tokens(torch.rand(2, 5), 2)
 
 
+# ------------------------------------------------------------------------------------------ real backends
 def test_auto_on_cpu_runs_the_reference_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for call in OP_CALLS.values():
+        for op, call in OP_CALLS.items():
+            assert backend._choose(op, "cpu", "float32", (), "auto") == "reference"
             call()
 
 
 @pytest.mark.parametrize("via_env", [False, True])
-def test_forced_unavailable_backend_falls_back_with_one_warning_per_op(monkeypatch, via_env):
-    # The CUDA backend cannot run CPU tensors (whether or not the extension is built).
+def test_forced_backend_that_cannot_run_falls_back_with_one_warning_per_op(monkeypatch, via_env):
+    # Without the interpreter the triton backend cannot run CPU tensors (its declarations say so).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if via_env:
-        monkeypatch.setenv("ALAST_BACKEND", "cuda")
+        monkeypatch.setenv("ALAST_BACKEND", "triton")
     else:
-        set_backend("cuda")
+        set_backend("triton")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             for call in OP_CALLS.values():
                 call()
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    messages = _runtime_warnings(caught)
     assert len(messages) == len(OP_CALLS), messages
     for op in OP_CALLS:
-        mine = [m for m in messages if f" {op} " in m]
-        assert len(mine) == 1 and "reference" in mine[0] and "cuda" in mine[0], messages
+        (mine,) = [m for m in messages if f" {op} " in m]
+        assert "falls back to the reference backend" in mine and "triton:" in mine and "TRITON_INTERPRET" in mine
 
 
-def test_forced_fallback_computes_the_reference_result():
+def test_forced_fallback_computes_the_reference_result(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(0)
     x, idx, delta = torch.randn(2, 9, 6), torch.tensor([[0, 4], [8, 1]]), torch.randn(2, 2, 6)
     want = ops.scatter_tokens(x, idx, delta)
-    set_backend("cuda")
+    set_backend("triton")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = ops.scatter_tokens(x, idx, delta)
     assert torch.equal(got, want)
 
 
-def test_forced_backend_missing_one_op_uses_it_where_it_can(monkeypatch):
-    """A backend that runs on the device but lacks an op: its ops are used, the missing one falls back."""
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_kernel_backends_refuse_float64_and_the_reference_takes_it(name):
+    module = backend.load(name)
+    if module is None:
+        pytest.skip(f"backend {name} not loadable here: {backend.import_error(name)}")
+    for op, support in module.SUPPORTS.items():
+        if op == "masked_linear":  # the triton backend's is the reference's own
+            assert support.dtypes == FLOAT_DTYPES
+            continue
+        assert "float64 is not one of" in backend.refusal(name, op, Call("cuda", "float64")), op
+    assert backend.refusal("reference", "gather_tokens", Call("cuda", "float64")) is None
+
+
+# ------------------------------------------------------------------------------------------ declarations
+def test_declarations_decide_per_call_and_each_fallback_warns_once(monkeypatch):
     calls = []
 
-    def fake_gather(x, idx):
-        calls.append("gather")
+    def fast_gather(x, idx):
+        calls.append(x.dtype)
         return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
-    fake = types.SimpleNamespace(OPS={"gather_tokens": fake_gather}, supports=lambda device: True)
-    monkeypatch.setitem(backend._modules, "cuda", fake)
-    set_backend("cuda")
+    fast = fake_backend({"gather_tokens": fast_gather},
+                        {"gather_tokens": Supports(devices=("cpu",), dtypes=("float32", "float16"))})
+    _install(monkeypatch, "triton", fast)
+    set_backend("triton")
+    x, idx = torch.randn(2, 9, 6), torch.tensor([[0, 4], [8, 1]])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ops.gather_tokens(torch.randn(2, 9, 6), torch.tensor([[0, 4], [8, 1]]))
-        ops.select_tokens(torch.rand(2, 9), 3)
-        ops.select_tokens(torch.rand(2, 9), 3)
-    assert calls == ["gather"]
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "select_tokens" in messages[0] and "no 'select_tokens' kernel" in messages[0]
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.float64, torch.bfloat16):
+            out = ops.gather_tokens(x.to(dtype), idx)
+            assert torch.equal(out, x.to(dtype)[:, [0, 4]].where(torch.tensor([[True], [False]]).unsqueeze(-1),
+                                                               x.to(dtype)[:, [8, 1]]))
+    assert calls == [torch.float32, torch.float16]
+    messages = _runtime_warnings(caught)
+    assert messages == [
+        "alast_kernels: gather_tokens falls back to the reference backend (triton: float64 is not one of float32, "
+        "float16)",
+        "alast_kernels: gather_tokens falls back to the reference backend (triton: bfloat16 is not one of "
+        "float32, float16)"]
 
 
-def test_no_backend_can_run_raises(monkeypatch):
-    broken = types.SimpleNamespace(OPS={}, supports=lambda device: False)
-    monkeypatch.setitem(backend._modules, "reference", broken)
-    with pytest.raises(RuntimeError, match="select_tokens"):
+@pytest.mark.parametrize("facts, declared, reason", [
+    ({"head_dim": 80}, Supports(("cpu",), max_head_dim=64), "head dim 80 > 64"),
+    ({"k_norm": True}, Supports(("cpu",), k_norm=False), "no k_norm scoring"),
+    ({}, Supports(("cuda",)), "runs on cuda tensors, not cpu"),
+])
+def test_refusal_names_the_declared_limit(facts, declared, reason):
+    module = fake_backend({"op": None}, {"op": declared})
+    assert reason in "; ".join(declared.refusals(Call("cpu", "float32", **facts)))
+    assert declared.refusals(Call("cpu" if "cpu" in declared.devices else "cuda", "float32")) == []
+    assert module.SUPPORTS["op"] is declared
+
+
+def test_an_op_without_a_declaration_runs_what_the_backend_declares_by_default(monkeypatch):
+    module = fake_backend({"new_op": lambda x: x}, default=Supports(devices=("cpu",), dtypes=("float32",)))
+    _install(monkeypatch, "triton", module)
+    assert backend.refusal("triton", "new_op", Call("cpu", "float32")) is None
+    assert backend.refusal("triton", "new_op", Call("cpu", "float16")) == "float16 is not one of float32"
+
+
+def test_device_refusal_is_asked_only_for_declared_devices(monkeypatch):
+    module = fake_backend({"gather_tokens": None}, refuse_device=lambda d: "not in this process" if d == "cpu" else None)
+    _install(monkeypatch, "triton", module)
+    assert backend.refusal("triton", "gather_tokens", Call("cpu", "float32")) == "not in this process"
+    assert backend.refusal("triton", "gather_tokens", Call("cuda", "float32")) is None
+
+
+def test_auto_on_cuda_tensors_follows_the_order_and_warns_only_when_it_ends_on_the_reference(monkeypatch):
+    everywhere = Supports(devices=("cuda",))
+    _install(monkeypatch, "cuda", fake_backend({"gather_tokens": None}, default=everywhere))
+    _install(monkeypatch, "triton", fake_backend(
+        {"gather_tokens": None, "attention": None}, default=replace_support(everywhere, max_head_dim=128)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backend._choose("gather_tokens", "cuda", "float32", (), "auto") == "cuda"
+        assert backend._choose("attention", "cuda", "float32", (("head_dim", 64),), "auto") == "triton"
+        assert _runtime_warnings(caught) == []  # cuda has no attention kernel: not a fallback
+        assert backend._choose("attention", "cuda", "float32", (("head_dim", 160),), "auto") == "reference"
+        assert backend._choose("attention", "cuda", "float32", (("head_dim", 160),), "auto") == "reference"
+    assert _runtime_warnings(caught) == [
+        "alast_kernels: attention falls back to the reference backend (cuda: has no attention kernel; "
+        "triton: head dim 160 > 128)"]
+
+
+def replace_support(support, **changes):
+    from dataclasses import replace
+    return replace(support, **changes)
+
+
+def test_no_backend_can_run_raises_with_every_reason(monkeypatch):
+    broken = fake_backend({}, refuse_device=lambda d: None)
+    _install(monkeypatch, "reference", broken)
+    with pytest.raises(RuntimeError, match=r"no backend can run select_tokens on cpu \(reference: has no "
+                                           r"select_tokens kernel\)"):
         ops.select_tokens(torch.rand(2, 9), 3)
+
+
+def test_a_backend_that_fails_to_import_is_skipped_with_its_reason(monkeypatch):
+    _install(monkeypatch, "triton", None)
+    monkeypatch.setitem(backend._import_errors, "triton", "ImportError: no module named triton")
+    set_backend("triton")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops.select_tokens(torch.rand(2, 9), 3)
+    (message,) = _runtime_warnings(caught)
+    assert "triton: could not be loaded (ImportError: no module named triton)" in message
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+COMPILE_SCRIPT = """
+import warnings
+import torch
+from timm.models.vision_transformer import VisionTransformer
+import alast_kernels
+from alast_kernels import BlockPlan
+
+warnings.simplefilter("ignore", RuntimeWarning)  # the ops the cuda backend lacks fall back, as they should
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+model = VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3, mlp_ratio=2.0,
+                          num_classes=0)
+block = alast_kernels.convert(model).blocks[0].to(device).train()
+x = torch.randn(2, 17, 48, device=device)
+compiled = torch.compile(block, fullgraph=True)  # nothing ran eagerly: the choice happens while tracing
+block.alast_plan = BlockPlan(keep_ratio=0.5, train=True, num_patches=16)
+got = compiled(x)
+import alast_kernels.backends as loaded
+assert [n for n in ("reference", "triton", "cuda") if hasattr(loaded, n)] == ["reference", "cuda"]
+block.alast_plan = BlockPlan(keep_ratio=0.5, train=True, num_patches=16)
+want = torch.compiler.disable(block)(x)
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+print("compiled block ok", block.alast_keep)
+"""
+
+
+def test_forced_cuda_backend_compiles_with_fullgraph_from_a_cold_start(cuda):
+    """The choice (the import of the cuda backend and the load of its library included) runs eagerly while
+    torch.compile traces a planned block in a process where nothing ran before, so fullgraph=True holds with
+    the cuda kernels (emulated without a GPU) inside the graph; the result equals the eager block's.
+    (tests/test_compile.py covers the same cold start on the default backend.)"""
+    env = {**os.environ, "ALAST_BACKEND": "cuda", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(COMPILE_SCRIPT)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled block ok 8" in done.stdout, done.stderr[-4000:]

@@ -4,7 +4,11 @@ Checks that it was built where a toolkit is present, that every op is registered
 the fake kernels give the right shapes (so the ops trace under ``torch.compile``), that bad arguments fail
 with ``TORCH_CHECK`` messages naming them, that a build/runtime mismatch or a failed load gives one warning
 and a fallback, and (slow) that a wheel builds, is named for CUDA and torch, installs into a fresh virtual
-environment and imports there. Running the kernels is ``test_cuda_ops.py`` (GPU only).
+environment and imports there. Running the kernels is ``test_cuda_ops.py`` (on a GPU, or emulated).
+
+Without a GPU this process runs the CUDA emulation (root conftest), whose library is ``ops.cpp`` compiled
+for CPU tensors: the schemas and argument checks tested in-process are that same source; the real ``_C``
+(CUDA registration, the device check) is loaded in a child process without the emulation.
 """
 import os
 import shutil
@@ -21,8 +25,10 @@ import pytest
 import torch
 
 import alast_kernels
-from alast_kernels import _extension
+import alast_kernels.backends
+from alast_kernels import _cuda_emulation, _extension
 from alast_kernels import backend as _backend
+from alast_kernels.backends.support import Call
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = _extension.build_info()
@@ -72,11 +78,15 @@ def test_every_op_is_registered_with_its_schema():
 
 
 @requires_extension
-def test_backend_module_exposes_ops_for_cuda_tensors_only():
+def test_backend_module_declares_its_ops_and_devices():
     cuda = _cuda_backend()
-    assert set(cuda.OPS) == {"select_tokens", "gather_tokens", "scatter_tokens", "cls_scores"}
-    assert cuda.supports(torch.device("cuda", 0)) and not cuda.supports(torch.device("cpu"))
-    assert _backend.unavailable_reason("cuda", "attention", torch.device("cuda")) is not None
+    assert set(cuda.OPS) == set(cuda.SUPPORTS) == {"select_tokens", "gather_tokens", "scatter_tokens", "cls_scores"}
+    assert cuda.EMULATED == _cuda_emulation.requested()
+    usable, other = ("cpu", "cuda") if cuda.EMULATED else ("cuda", "cpu")
+    assert cuda.device_refusal(usable) is None and cuda.device_refusal(other) is not None
+    assert _backend.refusal("cuda", "attention", Call(usable)) == "has no attention kernel"
+    assert "k_norm" in _backend.refusal("cuda", "cls_scores", Call(usable, "float32", k_norm=True))
+    assert "float64" in _backend.refusal("cuda", "gather_tokens", Call(usable, "float64"))
 
 
 # ---------------------------------------------------------------- fake kernels: shapes, dtypes, tracing
@@ -139,25 +149,20 @@ def _cpu_cases():
         ("select_tokens", (f(2, 5), 0, 1), r"keep must be in \[1, 4\]"),
         ("select_tokens", (f(2, 5), 5, 1), r"keep must be in \[1, 4\]"),
         ("select_tokens", (f(2, 5), 2, -1), r"num_prefix must be in \[0, 5\)"),
-        ("select_tokens", (f(2, 5), 2, 1), r"scores must be a CUDA tensor, got one on cpu"),
         ("gather_tokens", (f(2, 5), idx), r"x must be a 3-D tensor"),
         ("gather_tokens", (x, idx.int()), r"idx must be int64"),
         ("gather_tokens", (x, idx[:1]), r"idx must have batch size 2"),
         ("gather_tokens", (x, idx.t().contiguous().t()), r"idx must be contiguous"),
         ("gather_tokens", (x.transpose(1, 2).contiguous().transpose(1, 2), idx), r"x must be contiguous"),
-        ("gather_tokens", (x, idx), r"x must be a CUDA tensor"),
         ("gather_tokens_backward", (f(2, 3, 6), idx, 5), r"idx must have 3 columns"),
         ("gather_tokens_backward", (f(2, 2, 6), idx, -1), r"num_tokens must be >= 0"),
-        ("gather_tokens_backward", (f(2, 2, 6), idx, 5), r"grad_out must be a CUDA tensor"),
         ("scatter_tokens", (x, idx, f(2, 2, 6, dtype=torch.float16)), r"delta must have x's dtype"),
         ("scatter_tokens", (x, idx, f(2, 3, 6)), r"delta must have shape \[2, 2, 6\]"),
         ("scatter_tokens", (x, torch.zeros(2, 6, dtype=long), f(2, 6, 6)),
          r"idx must have at most 5 \(unique\) indices"),
-        ("scatter_tokens", (x, idx, f(2, 2, 6)), r"x must be a CUDA tensor"),
         ("cls_scores", (x, f(2, 3, 6, dtype=torch.float16), 1e-6), r"u must be float32"),
         ("cls_scores", (x, f(2, 3, 7), 1e-6), r"u must have shape \[2, H, 6\]"),
         ("cls_scores", (x, f(2, 3, 6), -1.0), r"eps must be >= 0"),
-        ("cls_scores", (x, f(2, 3, 6), 1e-6), r"x must be a CUDA tensor"),
     ]
 
 
@@ -169,6 +174,47 @@ def test_bad_arguments_fail_with_a_message_naming_them(op, args, message):
         getattr(torch.ops.alast, op)(*args)
 
 
+# Good arguments on the wrong device: the last check of every op of the real extension.
+_DEVICE_CASES = """
+x, idx = torch.randn(2, 5, 6), torch.tensor([[0, 2], [1, 3]])
+cases = [
+    ("select_tokens", (torch.randn(2, 5), 2, 1), "scores must be a CUDA tensor, got one on cpu"),
+    ("gather_tokens", (x, idx), "x must be a CUDA tensor"),
+    ("gather_tokens_backward", (torch.randn(2, 2, 6), idx, 5), "grad_out must be a CUDA tensor"),
+    ("scatter_tokens", (x, idx, torch.randn(2, 2, 6)), "x must be a CUDA tensor"),
+    ("cls_scores", (x, torch.randn(2, 3, 6), 1e-6), "x must be a CUDA tensor"),
+]
+"""
+
+
+@requires_extension
+def test_real_extension_registers_the_schemas_and_refuses_cpu_tensors():
+    """``alast_kernels._C`` itself, in a process without the emulation: the same schemas, a CUDA
+    registration, and CPU tensors stopped by the device check (after every other check passed)."""
+    code = f"""
+import torch
+import alast_kernels._extension as e
+e.load()
+import sys
+assert "alast_kernels._C" in sys.modules
+for name, schema in {SCHEMAS!r}.items():
+    assert str(getattr(torch.ops.alast, name).default._schema) == schema, name
+{_DEVICE_CASES}
+for op, args, message in cases:
+    try:
+        getattr(torch.ops.alast, op)(*args)
+    except RuntimeError as exc:
+        assert f"alast::{{op}}: {{message}}" in str(exc), str(exc)
+    else:
+        raise AssertionError(op + " accepted CPU tensors")
+print("real extension ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ALAST_CUDA_EMULATION"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "real extension ok" in done.stdout, done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- build metadata: mismatch and failed loads
 
 @pytest.fixture
@@ -176,7 +222,9 @@ def fresh_extension_state(monkeypatch):
     """Undo what a test does to the extension loader's and backend switch's module-level state."""
     monkeypatch.setattr(_extension, "_warned", False)
     monkeypatch.setattr(_extension, "_loaded", False)
-    monkeypatch.setattr(_backend, "_modules", {k: v for k, v in _backend._modules.items() if k != "cuda"})
+    monkeypatch.delenv("ALAST_CUDA_EMULATION", raising=False)  # these tests are about loading _C
+    monkeypatch.setattr(_cuda_emulation, "_library_path", None)
+    monkeypatch.delattr(alast_kernels.backends, "cuda", raising=False)
     monkeypatch.setattr(_backend, "_import_errors", dict(_backend._import_errors))
     monkeypatch.delitem(sys.modules, "alast_kernels.backends.cuda", raising=False)
     return monkeypatch
@@ -197,7 +245,7 @@ def test_mismatched_build_warns_once_naming_both_sides_and_falls_back(fresh_exte
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _extension.check_build() is not None          # what `import alast_kernels` runs
-        reason = _backend.unavailable_reason("cuda", "select_tokens", torch.device("cuda"))
+        reason = _backend.refusal("cuda", "select_tokens", Call("cuda"))
         with pytest.raises(ImportError):
             _extension.load()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
@@ -255,8 +303,8 @@ def test_wheel_builds_with_cuda_tag_and_imports_in_a_fresh_venv(tmp_path):
     """Builds the wheel (reusing the editable install's objects: ninja only relinks), checks its name and
     contents, installs it into a new venv that sees torch through a .pth file, and imports it there."""
     env = dict(os.environ, ALAST_FORCE_CUDA="1")
-    env.pop("ALAST_SKIP_CUDA", None)
-    env.pop("PYTHONPATH", None)
+    for name in ("ALAST_SKIP_CUDA", "PYTHONPATH", "ALAST_CUDA_EMULATION"):
+        env.pop(name, None)
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
                     "-w", str(dist), str(ROOT)], cwd=ROOT, env=env, check=True, timeout=1500,

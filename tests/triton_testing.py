@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import alast_kernels
+from alast_kernels import backend
 from alast_kernels.backends import triton as triton_backend
 from alast_kernels.backends.reference import OPS as REFERENCE_OPS
 from alast_kernels.backends.triton import _common
@@ -34,8 +35,10 @@ def nan_outputs(monkeypatch):
 
 
 @pytest.fixture
-def triton_forced():
-    """The public ops run the triton backend for the test's duration."""
+def triton_forced(monkeypatch):
+    """The public ops run the triton backend for the test's duration, and every fallback warns afresh
+    (the dispatcher warns once per op and reason in a process)."""
+    monkeypatch.setattr(backend, "_warned", set())
     alast_kernels.set_backend("triton")
     try:
         yield

@@ -1,7 +1,8 @@
-"""The ALaST ops: one contract, three backends (see DESIGN.md §3 and :mod:`alast_kernels.backend`).
+"""The ALaST ops: one contract, three backends (docs/ops.md, docs/backends.md, :mod:`alast_kernels.backend`).
 
-Every function here checks its arguments (the same checks for every backend), then runs the
-implementation the backend choice picks for the tensors' device. Shapes use ``B`` batch, ``N`` tokens,
+Every function here checks its arguments — once, for every backend: backends do not check again — then
+runs the implementation that the dispatcher picks from the backends' declarations for the call's device,
+dtype and other facts (head dim, ``k_norm``). Shapes use ``B`` batch, ``N`` tokens,
 ``P`` prefix tokens (class token first, then registers), ``K`` kept tokens, ``D`` channels, ``H`` heads,
 ``Dh`` head dim.
 """
@@ -12,6 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .. import backend as _backend
+from ..backends.autograd import compute_dtype as _autocast_dtype
 from . import _checks
 from ._query_attention import query_attention
 
@@ -23,6 +25,11 @@ __all__ = [
 _GELU_APPROXIMATIONS = ("none", "tanh")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the matmul ops compute in: the autocast dtype under autocast, else ``x``'s."""
+    return _autocast_dtype(x) or x.dtype
+
+
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch.Tensor:
     """Indices of the prefix tokens and the ``keep`` highest-scoring other tokens of each row.
 
@@ -31,7 +38,7 @@ def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch
     """
     _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.prefix_and_keep(num_prefix, keep, scores.shape[1])
-    return _backend.implementation("select_tokens", scores.device)(scores, keep, num_prefix)
+    return _backend.implementation("select_tokens", scores.device, scores.dtype)(scores, keep, num_prefix)
 
 
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch.Tensor:
@@ -48,7 +55,9 @@ def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: in
     _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=x.device)
     _checks.shape("scores", scores, x.shape[:2])
     _checks.prefix_and_keep(num_prefix, keep, x.shape[1])
-    return _backend.implementation("fuse_tokens", x.device)(x, scores.detach(), keep, num_prefix)
+    # float64 scores make it a float64 call: their selection must not go through float32 keys.
+    impl = _backend.implementation("fuse_tokens", x.device, torch.promote_types(x.dtype, scores.dtype))
+    return impl(x, scores.detach(), keep, num_prefix)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = True) -> torch.Tensor:
@@ -57,9 +66,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = T
     Backward scatter-adds into the gradient of ``x`` (repeated indices accumulate).
     """
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
-    if check_indices:
-        _checks.indices("idx", idx, "x", x, unique=False)
-    return _backend.implementation("gather_tokens", x.device)(x, idx)
+    _checks.indices("idx", idx, "x", x, unique=False, values=check_indices)
+    return _backend.implementation("gather_tokens", x.device, x.dtype)(x, idx)
 
 
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, *,
@@ -72,10 +80,9 @@ def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, *,
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("delta", delta, ndim=3, device=x.device)
     _checks.same_dtype("delta", delta, "x", x)
-    if check_indices:
-        _checks.indices("idx", idx, "x", x, unique=True)
+    _checks.indices("idx", idx, "x", x, unique=True, values=check_indices)
     _checks.shape("delta", delta, (x.shape[0], idx.shape[1], x.shape[2]))
-    return _backend.implementation("scatter_tokens", x.device)(x, idx, delta)
+    return _backend.implementation("scatter_tokens", x.device, x.dtype)(x, idx, delta)
 
 
 def gather_layer_norm(x: torch.Tensor, idx: torch.Tensor, weight: Optional[torch.Tensor],
@@ -91,9 +98,9 @@ def gather_layer_norm(x: torch.Tensor, idx: torch.Tensor, weight: Optional[torch
             _checks.tensor(name, p, ndim=1, device=x.device)
             _checks.shape(name, p, (x.shape[2],))
             _checks.param_dtype(name, p, "x", x, float32_ok=True)
-    if check_indices:
-        _checks.indices("idx", idx, "x", x, unique=False)
-    return _backend.implementation("gather_layer_norm", x.device)(x, idx, weight, bias, float(eps))
+    _checks.indices("idx", idx, "x", x, unique=False, values=check_indices)
+    impl = _backend.implementation("gather_layer_norm", x.device, x.dtype)
+    return impl(x, idx, weight, bias, float(eps))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
@@ -115,7 +122,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         raise ValueError(f"q, k: expected at least one token, got Nq={Nq}, Nk={k.shape[2]}")
     if scale is None:
         scale = Dh ** -0.5
-    return _backend.implementation("attention", q.device)(q, k, v, float(scale), bool(return_cls))
+    impl = _backend.implementation("attention", q.device, q.dtype, head_dim=int(Dh))
+    return impl(q, k, v, float(scale), bool(return_cls))
 
 
 def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
@@ -143,7 +151,7 @@ def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
             _checks.shape(name, p, (n,))
     if scale is None:
         scale = (D // num_heads) ** -0.5
-    impl = _backend.implementation("cls_scores", x.device)
+    impl = _backend.implementation("cls_scores", x.device, x.dtype, k_norm=k_norm is not None)
     return impl(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, float(eps), float(scale),
                 q_norm, k_norm)
 
@@ -165,7 +173,8 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         _checks.tensor("bias", bias, ndim=1, device=x.device)
         _checks.shape("bias", bias, (weight.shape[0],))
         _checks.param_dtype("bias", bias, "x", x)
-    return _backend.implementation("masked_linear", x.device)(x, weight, bias, bool(train))
+    impl = _backend.implementation("masked_linear", x.device, _compute_dtype(x))
+    return impl(x, weight, bias, bool(train))
 
 
 def masked_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
@@ -197,5 +206,5 @@ def masked_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[tor
             _checks.param_dtype(name, p, "x", x)
     if approximate not in _GELU_APPROXIMATIONS:
         raise ValueError(f"approximate: expected one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
-    impl = _backend.implementation("masked_mlp", x.device)
+    impl = _backend.implementation("masked_mlp", x.device, _compute_dtype(x))
     return impl(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(train), approximate)

@@ -45,11 +45,13 @@ def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, unique: bool) -> None:
+def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, unique: bool, values: bool = True) -> None:
     """``idx`` is an int64 ``(B, K)`` index into dim 1 of the ``(B, N, D)`` tensor ``x``.
 
-    Reads the indices on the host (one synchronisation on a GPU); callers that made the indices
-    themselves pass ``check_indices=False`` to the ops to skip this.
+    With ``values`` (the default) the indices themselves are read on the host (one synchronisation on a GPU)
+    and checked to be in range (and unique within each row when ``unique``); callers that made the indices
+    themselves pass ``check_indices=False`` to the ops to skip that part. The type, shape and device are
+    always checked.
     """
     tensor(name, idx, ndim=2, dtypes=(torch.int64,), device=x.device)
     if idx.shape[0] != x.shape[0]:
@@ -57,7 +59,7 @@ def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, uniqu
     if idx.shape[1] > x.shape[1]:
         raise ValueError(f"{name}: expected at most {x.shape[1]} indices per row ({x_name} has "
                          f"{x.shape[1]} tokens), got {idx.shape[1]}")
-    if idx.numel() == 0:
+    if not values or idx.numel() == 0:
         return
     lo, hi = torch.aminmax(idx)
     lo, hi = int(lo), int(hi)

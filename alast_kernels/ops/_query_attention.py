@@ -37,4 +37,5 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale = Dh ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a finite number > 0 or None, got {scale!r}")
-    return _backend.implementation("query_attention", q.device)(q, k, v, float(scale))
+    impl = _backend.implementation("query_attention", q.device, q.dtype, head_dim=int(Dh), queries=int(Tq))
+    return impl(q, k, v, float(scale))

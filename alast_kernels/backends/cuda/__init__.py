@@ -1,20 +1,23 @@
-"""The cuda backend: the compiled kernels of ``alast_kernels._C`` (``torch.ops.alast``) on CUDA tensors.
+"""The cuda backend: the compiled kernels of ``alast_kernels._C`` (``torch.ops.alast``) on CUDA tensors, or,
+under ``ALAST_CUDA_EMULATION=1``, the same kernels compiled for the host on CPU tensors
+(:mod:`alast_kernels._cuda_emulation`).
 
-Importing this module loads the extension; when it was not built, was built for another torch/CUDA/Python
+Importing this module loads the library; when it was not built, was built for another torch/CUDA/Python
 or fails to load, the import raises ``ImportError`` (after one warning naming both sides, see
-:mod:`alast_kernels._extension`) and the backend switch falls back to ``triton``/``reference``.
-Ops without a CUDA kernel here (``gather_layer_norm``, ``attention``, the masked linear layers) are absent
-from :data:`OPS`, so the switch takes them from the next backend in the auto order. Implementations take
-their arguments already checked by :mod:`alast_kernels.ops`; float64 inputs, which the kernels do not
-take, run the reference implementation.
+:mod:`alast_kernels._extension`) and the dispatcher uses ``triton``/``reference`` instead. Ops without a
+CUDA kernel here (``gather_layer_norm``, ``attention``, the masked linear layers) are absent from
+:data:`OPS`; :data:`SUPPORTS` declares what the others run (float32/float16/bfloat16, scores without
+``k_norm``). Implementations take their arguments already checked by :mod:`alast_kernels.ops`.
 """
-import torch
+from dataclasses import replace
+from typing import Optional
 
-from ..._extension import load as _load_extension
+from ... import _cuda_emulation, _extension
+from ..support import Supports
 
-_load_extension()
+_extension.load()
 
-from . import fake  # noqa: E402  (registers the fake kernels once the ops exist)
+from . import fake  # noqa: E402,F401  (registers the fake kernels once the ops exist)
 from .scores import cls_scores  # noqa: E402
 from .select import select_tokens  # noqa: E402
 from .tokens import gather_tokens, scatter_tokens  # noqa: E402
@@ -26,6 +29,23 @@ OPS = {
     "cls_scores": cls_scores,
 }
 
+EMULATED = _cuda_emulation.loaded()
+DEVICES_NOTE = "CUDA tensors; CPU tensors under `ALAST_CUDA_EMULATION=1` (the kernels emulated on the host)"
+DEFAULT_SUPPORT = Supports(devices=("cuda", "cpu"))
+SUPPORTS = {
+    "select_tokens": replace(DEFAULT_SUPPORT, how="radix select in shared memory (N ≤ 4096 cached, longer rows "
+                                                  "from global memory), output already ascending"),
+    "gather_tokens": replace(DEFAULT_SUPPORT, how="16-byte row copy; backward without atomics"),
+    "scatter_tokens": replace(DEFAULT_SUPPORT, how="one write per output row, 16-byte vectors"),
+    "cls_scores": replace(DEFAULT_SUPPORT, k_norm=False, how="one warp per token, one block per image for the "
+                                                             "softmax"),
+}
 
-def supports(device: torch.device) -> bool:
-    return torch.device(device).type == "cuda"
+
+def device_refusal(device_type: str) -> Optional[str]:
+    """CUDA tensors with the compiled extension; CPU tensors with the emulation; never both in one process."""
+    if device_type == "cpu" and not EMULATED:
+        return "CPU tensors run only under the CUDA emulation (ALAST_CUDA_EMULATION=1)"
+    if device_type == "cuda" and EMULATED:
+        return "the CUDA emulation is loaded in this process: CPU tensors only"
+    return None

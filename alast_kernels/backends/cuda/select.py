@@ -2,11 +2,7 @@
 memory, output already in ascending index order (see csrc/select_tokens.cu)."""
 import torch
 
-from ..reference.select import select_tokens as _reference
-
 
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
-    """scores ``(B, N)`` -> int64 ``(B, num_prefix + keep)``; indices carry no gradient."""
-    if scores.dtype == torch.float64:
-        return _reference(scores, keep, num_prefix)
+    """scores ``(B, N)`` float32/float16/bfloat16 -> int64 ``(B, num_prefix + keep)``; no gradient."""
     return torch.ops.alast.select_tokens(scores.detach().contiguous(), keep, num_prefix)

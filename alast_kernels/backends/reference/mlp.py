@@ -7,36 +7,22 @@ backward rather than storing its output.
 
 Under autocast the floating inputs are cast once to the autocast dtype and the matmuls run with
 autocast off, so forward and backward use the same precision; parameter gradients come back in the
-parameters' own dtype.
+parameters' own dtype. The MLP's forward is the backend-neutral
+:func:`~alast_kernels.backends.autograd.mlp_forward`.
 """
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
-    return t if t is None or dtype is None else t.to(dtype)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+from ..autograd import cast, compute_dtype, mlp_forward, rows
 
 
 class MaskedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, train: bool):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            xc, wc = _cast(x, dtype), _cast(weight, dtype)
-            y = F.linear(xc, wc, _cast(bias, dtype))
+            xc, wc = cast(x, dtype), cast(weight, dtype)
+            y = F.linear(xc, wc, cast(bias, dtype))
         ctx.train = train
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         needs_x = train and ctx.needs_input_grad[1]
@@ -51,29 +37,10 @@ class MaskedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ w
         if ctx.train and ctx.needs_input_grad[1]:
-            grad_w = (_rows(grad_y).t() @ _rows(x)).to(ctx.param_dtypes[0])
+            grad_w = (rows(grad_y).t() @ rows(x)).to(ctx.param_dtypes[0])
         if ctx.train and ctx.needs_input_grad[2]:
-            grad_b = _rows(grad_y).sum(0).to(ctx.param_dtypes[1])
+            grad_b = rows(grad_y).sum(0).to(ctx.param_dtypes[1])
         return grad_x, grad_w, grad_b, None
-
-
-def mlp_forward(ctx, x, w1, b1, w2, b2, train: bool, approximate: str, gelu) -> torch.Tensor:
-    """The masked MLP's forward for any backend's ``autograd.Function``; ``gelu(pre, approximate)`` is the
-    backend's GELU. Saves ``(x if fc1 trains, pre, w1, w2)`` in the compute dtype and sets on ``ctx`` what
-    backward needs: ``train_w1``, ``train_w2``, ``approximate``, ``x_shape``, ``param_dtypes``."""
-    dtype = _compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        xc, w1c, w2c = _cast(x, dtype), _cast(w1, dtype), _cast(w2, dtype)
-        pre = F.linear(xc, w1c, _cast(b1, dtype)).contiguous()
-        y = F.linear(gelu(pre, approximate), w2c, _cast(b2, dtype))
-    needs = ctx.needs_input_grad
-    ctx.train_w1 = train and (needs[1] or needs[2])
-    ctx.train_w2 = train and (needs[3] or needs[4])
-    ctx.approximate = approximate
-    ctx.x_shape = x.shape
-    ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (w1, b1, w2, b2))
-    ctx.save_for_backward(xc if ctx.train_w1 else None, pre, w1c, w2c)
-    return y
 
 
 def _torch_gelu(pre: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -95,17 +62,17 @@ class MaskedMLPFunction(torch.autograd.Function):
         if ctx.train_w2:
             h = F.gelu(pre, approximate=ctx.approximate)  # recomputed, not stored
             if needs[3]:
-                grads[3] = (_rows(grad_y).t() @ _rows(h)).to(dt[2])
+                grads[3] = (rows(grad_y).t() @ rows(h)).to(dt[2])
             if needs[4]:
-                grads[4] = _rows(grad_y).sum(0).to(dt[3])
+                grads[4] = rows(grad_y).sum(0).to(dt[3])
         if needs[0] or ctx.train_w1:
             grad_pre = torch.ops.aten.gelu_backward(grad_y @ w2, pre, approximate=ctx.approximate)
             if needs[0]:
                 grads[0] = grad_pre @ w1
             if ctx.train_w1 and needs[1]:
-                grads[1] = (_rows(grad_pre).t() @ _rows(x)).to(dt[0])
+                grads[1] = (rows(grad_pre).t() @ rows(x)).to(dt[0])
             if ctx.train_w1 and needs[2]:
-                grads[2] = _rows(grad_pre).sum(0).to(dt[1])
+                grads[2] = rows(grad_pre).sum(0).to(dt[1])
         return tuple(grads)
 
 

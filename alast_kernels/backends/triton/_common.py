@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton launchers: output allocation, layout checks, launch settings."""
+"""Helpers shared by the Triton launchers: output allocation, launch settings, the device guard."""
 from __future__ import annotations
 
 import contextlib
@@ -21,32 +21,6 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     and prove that the kernels write every element.
     """
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` in a dense row-major layout (a copy when it is not), as the flat-indexing kernels assume."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def check_index_tensor(name: str, idx: torch.Tensor, batch: int, device: torch.device) -> None:
-    """Layout checks on an index tensor that the ops layer leaves to the backend (values are its job)."""
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2:
-        raise TypeError(f"{name}: expected an int64 (B, K) tensor, got "
-                        f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
-    if idx.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got one on {idx.device}")
-    if idx.shape[0] != batch:
-        raise ValueError(f"{name}: expected batch size {batch}, got {idx.shape[0]}")
-
-
-def check_device(name: str, t: torch.Tensor) -> None:
-    """The kernels run on CUDA tensors, or on CPU tensors under the interpreter: anything else raises."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
-        return
-    raise ValueError(f"{name}: the triton backend runs on CUDA tensors (CPU tensors only with "
-                     f"TRITON_INTERPRET=1), got a tensor on {t.device}")
 
 
 def row_block(n: int) -> int:

@@ -11,23 +11,21 @@ blocks, one for ``dq`` looping over key blocks, no atomics). With ``return_cls``
 query 0's logits and ``lse`` into the head-mean probability row, float32 ``(B, Nk)``, without gradient.
 
 The output is laid out as ``(B, Nq, H, Dh)`` in memory and returned as its ``(B, H, Nq, Dh)`` view, so
-the block's ``transpose(1, 2).reshape(B, Nq, H·Dh)`` needs no copy. Head dims above 128 and float64
-inputs run the reference (``F.scaled_dot_product_attention``).
+the block's ``transpose(1, 2).reshape(B, Nq, H·Dh)`` needs no copy. The backend declares head dims up to
+128 and float32/float16/bfloat16: the dispatcher runs the reference for anything else.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.attention import attention as _reference_attention
 from . import _common
 
 _LOG2E = math.log2(math.e)
-_MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 128  # declared in the backend's SUPPORTS: 128-wide tiles fit the shared memory
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -265,27 +263,10 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-_warned_fallback = set()
-
-
 @_common.on_tensor_device
 def attention(q, k, v, scale: float, return_cls: bool):
-    """``softmax(q kᵀ · scale) v`` (``(B, H, Nq, Dh)``, dtype of ``q``); with ``return_cls`` also the
-    float32 ``(B, Nk)`` head mean of query 0's probability row (no gradient)."""
-    Dh = q.shape[3]
-    if q.dtype == torch.float64 or Dh > _MAX_HEAD_DIM:
-        if Dh > _MAX_HEAD_DIM and Dh not in _warned_fallback:
-            _warned_fallback.add(Dh)
-            warnings.warn(f"alast_kernels: triton attention supports head dims up to {_MAX_HEAD_DIM}; "
-                          f"head dim {Dh} runs the reference", RuntimeWarning, stacklevel=2)
-        return _reference_attention(q, k, v, scale, return_cls)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _common.check_device(name, t)
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name}: expected {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != Dh or q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k, v: expected (B, H, Nq, Dh) and two equal (B, H, Nk, Dh) shapes with Nq, Nk >= 1, "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """``softmax(q kᵀ · scale) v`` (``(B, H, Nq, Dh)``, dtype of ``q``, ``Dh`` ≤ 128); with ``return_cls``
+    also the float32 ``(B, Nk)`` head mean of query 0's probability row (no gradient)."""
     o, lse = AttentionFunction.apply(q, k, v, scale)
     if return_cls:
         return o, _cls_row(q.detach(), k.detach(), lse, scale)

@@ -11,8 +11,9 @@ row of token ``n``, or -1 when it was fused. That int32 map and the scores are a
 Backward, same grid: ``grad_x[b, n] = grad_out[b, slot]`` for a kept token, ``scores[b, n] · grad_fused``
 for a fused one — every element of ``grad_x`` written once, no atomics.
 
-float64 tokens or scores run the reference (converting float64 scores to float32 keys could merge distinct
-scores and change the selection).
+Not float64 (tokens or scores): converting float64 scores to float32 keys could merge distinct scores and
+change the selection; the backend declares float32/float16/bfloat16 and the dispatcher runs the reference
+for float64 calls.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.fuse import fuse_tokens as _reference_fuse_tokens
 from . import _common
 from .select import _MAX_BLOCK as _MAX_SELECT_BLOCK, _selected, _sort_keys, _threshold
 
@@ -134,15 +134,4 @@ class FuseTokensFunction(torch.autograd.Function):
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N, D)`` tokens and ``(B, N)`` scores -> ``(B, num_prefix + keep + 1, D)`` in ``x``'s dtype
     (see the module docstring); the fused token is accumulated in float32 and rounded once."""
-    if x.dtype == torch.float64 or scores.dtype == torch.float64:
-        return _reference_fuse_tokens(x, scores, keep, num_prefix)
-    _common.check_device("x", x)
-    B, N, _ = x.shape
-    if tuple(scores.shape) != (B, N) or scores.device != x.device:
-        raise ValueError(f"scores: expected a ({B}, {N}) tensor on {x.device}, got {tuple(scores.shape)} on "
-                         f"{scores.device}")
-    if not 1 <= keep <= N - num_prefix:
-        raise ValueError(f"keep: expected an int in [1, {N - num_prefix}], got {keep!r}")
-    x = _common.contiguous("x", x)
-    scores = _common.contiguous("scores", scores.detach())
-    return FuseTokensFunction.apply(x, scores, keep, num_prefix)
+    return FuseTokensFunction.apply(x.contiguous(), scores.detach().contiguous(), keep, num_prefix)

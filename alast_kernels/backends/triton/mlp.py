@@ -10,8 +10,9 @@ What runs where:
   remaining products are cuBLAS matmuls.
 
 Frozen (``train=False``): the parameters get no gradient and only ``pre`` (fc1's output) and the weights
-are saved. Trained: ``x`` and ``pre`` are saved; ``h`` is recomputed, never stored. Autocast and
-gradient dtypes follow ``backends/reference/mlp.py`` exactly.
+are saved. Trained: ``x`` and ``pre`` are saved; ``h`` is recomputed, never stored. The forward is the
+backend-neutral :func:`~alast_kernels.backends.autograd.mlp_forward`, so autocast and gradient dtypes are
+the reference's exactly.
 
 ``masked_linear`` has no elementwise part to fuse: the triton backend uses the reference's
 (``F.linear`` forward, cuBLAS backward, weight gradients only when trained).
@@ -22,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.mlp import _compute_dtype, _rows, masked_linear, mlp_forward  # noqa: F401  (masked_linear: OPS)
-from ..reference.mlp import masked_mlp as _reference_masked_mlp
+from ..autograd import mlp_forward, rows
+from ..reference.mlp import masked_linear  # noqa: F401  (the triton backend's masked_linear: see above)
 from . import _common
 
 _BLOCK = 1024  # elements per program of the forward kernel
@@ -122,8 +123,8 @@ class MaskedMLPFunction(torch.autograd.Function):
     @_common.on_tensor_device
     def backward(ctx, grad_y):
         x, pre, w1, w2 = ctx.saved_tensors
-        grad_y = _rows(grad_y.to(w2.dtype))
-        pre = _rows(pre)
+        grad_y = rows(grad_y.to(w2.dtype))
+        pre = rows(pre)
         needs = ctx.needs_input_grad
         dt = ctx.param_dtypes
         grads = [None] * 7
@@ -144,7 +145,7 @@ class MaskedMLPFunction(torch.autograd.Function):
             if needs[0]:
                 grads[0] = (grad_pre @ w1).view(ctx.x_shape)
             if ctx.train_w1 and needs[1]:
-                grads[1] = (grad_pre.t() @ _rows(x)).to(dt[0])
+                grads[1] = (grad_pre.t() @ rows(x)).to(dt[0])
             if ctx.train_w1 and needs[2]:
                 grads[2] = db1.to(dt[1])
         return tuple(grads)
@@ -152,8 +153,6 @@ class MaskedMLPFunction(torch.autograd.Function):
 
 @_common.on_tensor_device
 def masked_mlp(x, w1, b1, w2, b2, train, approximate):
-    """``fc2(gelu(fc1(x)))``: x ``(..., D)``, w1 ``(F, D)``, w2 ``(Dout, F)``, biases or ``None``."""
-    if (_compute_dtype(x) or x.dtype) == torch.float64:
-        return _reference_masked_mlp(x, w1, b1, w2, b2, train, approximate)  # the GELU kernels are float32
-    _common.check_device("x", x)
+    """``fc2(gelu(fc1(x)))``: x ``(..., D)``, w1 ``(F, D)``, w2 ``(Dout, F)``, biases or ``None``; computes in
+    float32, float16 or bfloat16 (the GELU kernels' types)."""
     return MaskedMLPFunction.apply(x, w1, b1, w2, b2, train, approximate)

@@ -16,24 +16,22 @@ queries, every query of one head fits in a single tile. Then
   work is compiled out (``KV_GRAD``).
 
 One program per (image, head) gives ``B·H`` programs (768 for a ViT-B batch of 64), enough to fill a GPU at
-training batch sizes; a split over the keys (flash-decoding) would only pay at tiny batches. ``Tq`` above
-128, head dims above 128 and float64 inputs run the reference (``F.scaled_dot_product_attention``).
+training batch sizes; a split over the keys (flash-decoding) would only pay at tiny batches. The backend
+declares ``Tq`` and head dims up to 128 and float32/float16/bfloat16: the dispatcher runs the reference
+(``F.scaled_dot_product_attention``) for anything else.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.query_attention import query_attention as _reference_query_attention
 from . import _common
 
 _LOG2E = math.log2(math.e)
-_MAX_HEAD_DIM = 128
-_MAX_QUERIES = 128
+MAX_QUERIES = 128  # declared in the backend's SUPPORTS (with attention's head dim limit): one tile of queries
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -193,33 +191,7 @@ class QueryAttentionFunction(torch.autograd.Function):
         return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None
 
 
-_warned_fallback = set()
-
-
-def _fall_back(reason: str) -> None:
-    if reason not in _warned_fallback:
-        _warned_fallback.add(reason)
-        warnings.warn(f"alast_kernels: triton query_attention supports {reason}; this call runs the reference",
-                      RuntimeWarning, stacklevel=3)
-
-
 @_common.on_tensor_device
 def query_attention(q, k, v, scale: float):
-    """``softmax(q kᵀ · scale) v``: ``(B, H, Tq, Dh)`` in the dtype of ``q``."""
-    Tq, Dh = q.shape[2], q.shape[3]
-    if q.dtype == torch.float64:
-        return _reference_query_attention(q, k, v, scale)
-    if Dh > _MAX_HEAD_DIM:
-        _fall_back(f"head dims up to {_MAX_HEAD_DIM} (got {Dh})")
-        return _reference_query_attention(q, k, v, scale)
-    if Tq > _MAX_QUERIES:
-        _fall_back(f"up to {_MAX_QUERIES} queries (got {Tq})")
-        return _reference_query_attention(q, k, v, scale)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _common.check_device(name, t)
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name}: expected {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != Dh or Tq == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k, v: expected (B, H, Tq, Dh) and two equal (B, H, Nk, Dh) shapes with Tq, Nk >= 1, "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """``softmax(q kᵀ · scale) v``: ``(B, H, Tq, Dh)`` in the dtype of ``q`` (``Tq`` ≤ 128, ``Dh`` ≤ 128)."""
     return QueryAttentionFunction.apply(q, k, v, scale)

@@ -1,10 +1,8 @@
 """Class-token scores of every token without projecting every key (DESIGN.md §4), one read of ``x``.
 
-``q_cls · k_n = norm1(x_n) · (W_kᵀ q_cls) + b_k · q_cls`` per head. The host computes the class token's
-query and, per image and head, ``u = scale · log2(e) · (W_kᵀ q_cls) ∘ γ`` (``γ`` the LayerNorm weight)
-with small matmuls; a token's base-2 logit is then ``x̂_n · u`` with ``x̂_n`` its standardised value.
-The terms ``b_k · q_cls`` and ``β · W_kᵀ q_cls`` (``β`` the LayerNorm bias) are the same for every
-token and cancel in the softmax, so they are dropped.
+The host computes, per image and head, the class-query vector ``u`` of
+:mod:`alast_kernels.backends.class_query` (shared by every backend), times ``log2(e)``; a token's base-2
+logit is then ``x̂_n · u`` with ``x̂_n`` its standardised value.
 
 Kernels: ``_logits_kernel`` (grid ``B × token blocks``) reads each token once, standardises it, writes
 its ``H`` logits and each block's per-head running max and exp-sum; ``_softmax_mean_kernel`` combines
@@ -16,11 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..reference.scores import cls_scores as _reference_cls_scores
+from ..class_query import class_query_vectors
 from . import _common
 
 _TILE = 8192  # elements of x per program of the logits kernel
@@ -81,35 +78,15 @@ def _softmax_mean_kernel(logit_ptr, max_ptr, sum_ptr, out_ptr, N, H, C,
     tl.store(out_ptr + b * N + toks, tl.sum(prob, axis=0) / H, mask=tok_ok)
 
 
-def _class_query_vectors(x, norm_weight, norm_bias, qkv_weight, qkv_bias, H, eps, scale, q_norm):
-    """``(B, H, D)`` float32 vectors ``u`` of the module docstring (small host-side matmuls)."""
-    B, N, D = x.shape
-    f32 = (lambda t: None if t is None else t.detach().float())
-    w = qkv_weight.detach().float()
-    b = f32(qkv_bias)
-    h0 = F.layer_norm(x[:, 0].detach().float(), (D,), f32(norm_weight), f32(norm_bias), eps)
-    q = F.linear(h0, w[:D], None if b is None else b[:D]).view(B, H, D // H)
-    if q_norm is not None:
-        q = q_norm(q.to(x.dtype)).float()
-    u = torch.einsum("bhe,hed->bhd", q, w[D:2 * D].view(H, D // H, D)) * (scale * math.log2(math.e))
-    if norm_weight is not None:
-        u = u * norm_weight.detach().float()
-    return u.contiguous()
-
-
 @_common.on_tensor_device
 def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm, k_norm):
     """Float32 ``(B, N)`` head-mean class-token attention row of ``x`` ``(B, N, D)``; no gradient."""
-    if k_norm is not None or x.dtype == torch.float64:
-        return _reference_cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale,
-                                     q_norm, k_norm)
-    _common.check_device("x", x)
     B, N, D = x.shape
     H = num_heads
-    # float32 throughout: autocast must not turn the small host matmuls into 16-bit ones.
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        x = _common.contiguous("x", x.detach())
-        u = _class_query_vectors(x, norm_weight, norm_bias, qkv_weight, qkv_bias, H, eps, scale, q_norm)
+    u = class_query_vectors(x, norm_weight, norm_bias, qkv_weight, qkv_bias, H, eps, scale, q_norm, torch.float32)
+    u = u * math.log2(math.e)  # the kernels take exp2
+    with torch.no_grad():
+        x = x.detach().contiguous()
         out = _common.new_output((B, N), torch.float32, x.device)
         if out.numel() == 0:
             return out

@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.select import select_tokens as _reference_select
 from . import _common
 
 # Tokens per block of the in-row loops: bigger rows loop over several blocks.
@@ -97,18 +96,11 @@ def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.c
 
 @_common.on_tensor_device
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
-    """``(B, N)`` float scores -> int64 ``(B, num_prefix + keep)`` indices (see the module docstring).
-
-    float64 scores run the reference: converting them to float32 keys could merge distinct scores.
-    """
-    if scores.dtype == torch.float64:
-        return _reference_select(scores, keep, num_prefix)
-    _common.check_device("scores", scores)
-    scores = _common.contiguous("scores", scores)
+    """``(B, N)`` float32/float16/bfloat16 scores -> int64 ``(B, num_prefix + keep)`` indices (see the module
+    docstring). Not float64: its scores become float32 keys, which could merge distinct scores."""
+    scores = scores.contiguous()
     B, N = scores.shape
     M = N - num_prefix
-    if not 1 <= keep <= M:
-        raise ValueError(f"keep: expected an int in [1, {M}], got {keep!r}")
     out = _common.new_output((B, num_prefix + keep), torch.int64, scores.device)
     if B == 0:
         return out

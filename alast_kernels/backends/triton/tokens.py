@@ -1,11 +1,12 @@
 """Token gather, scatter and fused gather + LayerNorm along dim 1, each with its backward.
 
-Shapes: ``x`` ``(B, N, D)``, ``idx`` int64 ``(B, K)`` (values checked by the ops layer or guaranteed by the
-caller), gathered tensors ``(B, K, D)``. Every kernel works on flat rows: kept row ``r = b·K + j`` reads
-token row ``b·N + idx[b, j]``.
+Shapes: ``x`` ``(B, N, D)`` float32/float16/bfloat16, ``idx`` int64 ``(B, K)`` (values checked by the ops
+layer or guaranteed by the caller), gathered tensors ``(B, K, D)``. Every kernel works on flat rows: kept row
+``r = b·K + j`` reads token row ``b·N + idx[b, j]``. The autograd Functions of gather and scatter are the
+shared ones of :mod:`alast_kernels.backends.autograd` over these kernels.
 
 Repeated indices: gather and gather + LayerNorm allow them; their backward accumulates with atomic adds
-into a float32 buffer (float64 for float64 inputs), so 16-bit sums are not rounded per addend. Scatter
+into a float32 buffer, so 16-bit sums are not rounded per addend. Scatter
 requires indices unique within each row, as its contract says: each output token is written once
 (with a repeated index, one of the updates would win).
 """
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.tokens import gather_layer_norm as _reference_gather_layer_norm
+from ..autograd import gather_function, scatter_function
 from . import _common
 
 _BLOCK_ROWS = 4  # kept rows per program
@@ -141,6 +142,7 @@ def _copy_grid(rows: int, D: int):
     return (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(D, block_d)), block_d
 
 
+@_common.on_tensor_device
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     B, N, D = x.shape
     K = idx.shape[1]
@@ -151,46 +153,18 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@_common.on_tensor_device
 def _scatter_add_into_zeros(src: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
     """``zeros(B, N, D)`` with ``src[b, j]`` added at token ``idx[b, j]``, in ``src``'s dtype."""
     B, K, D = src.shape
-    acc_dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
-    acc = torch.zeros((B, N, D), dtype=acc_dtype, device=src.device)
+    acc = torch.zeros((B, N, D), dtype=torch.float32, device=src.device)
     if src.numel():
         grid, block_d = _copy_grid(B * K, D)
         _scatter_add_rows_kernel[grid](src, idx, acc, B * K, K, N, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=block_d)
     return acc.to(src.dtype)
 
 
-def _prepare(x: torch.Tensor, idx: torch.Tensor):
-    _common.check_device("x", x)
-    _common.check_index_tensor("idx", idx, x.shape[0], x.device)
-    return _common.contiguous("x", x), _common.contiguous("idx", idx)
-
-
-class GatherFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, idx):
-        ctx.save_for_backward(idx)
-        ctx.num_tokens = x.shape[1]
-        return _gather(x, idx)
-
-    @staticmethod
-    @_common.on_tensor_device
-    def backward(ctx, grad_out):
-        (idx,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return _scatter_add_into_zeros(grad_out.contiguous(), idx, ctx.num_tokens), None
-
-
 @_common.on_tensor_device
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b]]``: ``(B, N, D)``, int64 ``(B, K)`` -> ``(B, K, D)`` in ``x``'s dtype."""
-    x, idx = _prepare(x, idx)
-    return GatherFunction.apply(x, idx)
-
-
 def _scatter(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     B, N, D = x.shape
     K = idx.shape[1]
@@ -205,29 +179,18 @@ def _scatter(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.T
     return out
 
 
-class ScatterFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, idx, delta):
-        ctx.save_for_backward(idx)
-        return _scatter(x, idx, delta)
-
-    @staticmethod
-    @_common.on_tensor_device
-    def backward(ctx, grad_out):
-        (idx,) = ctx.saved_tensors
-        grad_delta = _gather(grad_out.contiguous(), idx) if ctx.needs_input_grad[2] else None
-        return (grad_out if ctx.needs_input_grad[0] else None), None, grad_delta
+GatherFunction = gather_function(_gather, _scatter_add_into_zeros, "GatherFunction")
+ScatterFunction = scatter_function(_scatter, _gather, "ScatterFunction")
 
 
-@_common.on_tensor_device
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]``: ``(B, N, D)``, int64 ``(B, K)`` -> ``(B, K, D)`` in ``x``'s dtype."""
+    return GatherFunction.apply(x, idx)
+
+
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``x`` with ``delta[b, j]`` added at token ``idx[b, j]`` (unique per row): a new ``(B, N, D)`` tensor."""
-    x, idx = _prepare(x, idx)
-    B, N, D = x.shape
-    if tuple(delta.shape) != (B, idx.shape[1], D) or delta.dtype != x.dtype or delta.device != x.device:
-        raise ValueError(f"delta: expected {x.dtype} of shape {(B, idx.shape[1], D)} on {x.device}, got "
-                         f"{delta.dtype} of shape {tuple(delta.shape)} on {delta.device}")
-    return ScatterFunction.apply(x, idx, _common.contiguous("delta", delta))
+    return ScatterFunction.apply(x, idx, delta)
 
 
 class GatherLayerNormFunction(torch.autograd.Function):
@@ -278,20 +241,7 @@ class GatherLayerNormFunction(torch.autograd.Function):
 
 @_common.on_tensor_device
 def gather_layer_norm(x, idx, weight, bias, eps):
-    """``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)`` in ``x``'s dtype.
-
-    weight/bias: ``(D,)`` or ``None``. Statistics in float32; float64 inputs run the reference.
-    """
-    if x.dtype == torch.float64:
-        return _reference_gather_layer_norm(x, idx, weight, bias, eps)
-    x, idx = _prepare(x, idx)
-    D = x.shape[2]
-    params = []
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            if p.shape != (D,) or p.device != x.device:
-                raise ValueError(f"{name}: expected a ({D},) tensor on {x.device}, got {tuple(p.shape)} "
-                                 f"on {p.device}")
-            p = _common.contiguous(name, p)
-        params.append(p)
-    return GatherLayerNormFunction.apply(x, idx, params[0], params[1], float(eps))
+    """``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)`` in ``x``'s dtype (float32, float16 or
+    bfloat16); weight/bias: ``(D,)`` or ``None``. Statistics in float32."""
+    params = [None if p is None else p.contiguous() for p in (weight, bias)]
+    return GatherLayerNormFunction.apply(x.contiguous(), idx.contiguous(), params[0], params[1], float(eps))
