@@ -3,8 +3,9 @@
 Shapes: ViT-B/16 at 224 px, batch 128: ``N = 197`` tokens, ``D = 768``, 12 heads, keep 98 of the 196
 patches. Targets (issue 4): ``select_tokens`` ≥ 3× faster than ``torch.topk`` + sort + concatenation;
 gather/scatter at ≥ 80 % of the copy bandwidth measured here for the same bytes. Each variant is timed with
-CUDA events (median of ``REPEATS`` runs of ``INNER`` back-to-back calls, after warm-up), variants of one
-comparison interleaved; pytest-benchmark records the CUDA kernel itself. ``make bench`` on a GPU writes
+``alast_kernels.measure.median_seconds`` (median of ``REPEATS`` timings of ``INNER`` back-to-back calls
+between CUDA synchronisations, after warm-up), variants of one comparison interleaved; pytest-benchmark
+records the CUDA kernel itself. ``make bench`` on a GPU writes
 ``benchmarks/results/cuda_ops.json`` (device, torch/triton/CUDA versions, commit, date). Skipped without a
 CUDA device; with ``--benchmark-disable`` (``make test``) nothing is timed or written.
 """
@@ -15,6 +16,7 @@ import torch
 
 from alast_kernels import backend as _backend
 from alast_kernels.backends import reference
+from alast_kernels.measure import median_seconds
 
 from record import write_results
 
@@ -29,7 +31,7 @@ _results: dict = {}
 @pytest.fixture(scope="module")
 def triton_ops():
     """The Triton backend's ops, or an empty dict where it is missing."""
-    module = _backend._load("triton")
+    module = _backend.load("triton")
     return {} if module is None else module.OPS
 
 
@@ -41,22 +43,6 @@ def _write(request):
                                    "targets": TARGETS, "results": _results})
 
 
-def _median_us(fn) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(INNER):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / INNER)
-    return sorted(times)[len(times) // 2]
-
-
 def _compare(benchmark, name: str, variants: dict, bytes_moved: int = 0) -> dict:
     """Times every variant (interleaved rounds), records microseconds (and GB/s), benchmarks the first."""
     first = next(iter(variants.values()))
@@ -65,11 +51,8 @@ def _compare(benchmark, name: str, variants: dict, bytes_moved: int = 0) -> dict
             fn()
         benchmark(first)
         return {}
-    rounds = {key: [] for key in variants}
-    for _ in range(3):
-        for key, fn in variants.items():
-            rounds[key].append(_median_us(fn))
-    row = {key: {"us": sorted(ts)[1]} for key, ts in rounds.items()}
+    seconds = median_seconds(list(variants.values()), repeats=REPEATS, warmup=3, inner=INNER)
+    row = {key: {"us": s * 1e6} for key, s in zip(variants, seconds)}
     if bytes_moved:
         for entry in row.values():
             entry["GB/s"] = bytes_moved / (entry["us"] * 1e-6) / 1e9

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import alast_kernels as ak
-from alast_kernels.measure import peak_cuda_memory
+from alast_kernels.measure import median_seconds, peak_cuda_memory
 
 from record import write_results
 
@@ -24,18 +24,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 MODEL, BATCH, IMAGE, CLASSES = "vit_base_patch16_224", 128, 224, 100
 TOKEN_BUDGET, TRAIN_LAYERS = 0.5, 9
 TARGETS = {"speedup": 1.6, "peak_memory": 0.5}
-
-
-def _cuda_median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +70,9 @@ def test_gpu_alast_vs_full(benchmark, steps):
     for step in steps.values():  # warm-up: kernels compiled, allocator settled
         step(), step()
     memory = {name: peak_cuda_memory(step) for name, step in steps.items()}
-    ms = benchmark.pedantic(lambda: {name: _cuda_median_ms(step, repeats) for name, step in steps.items()},
-                            rounds=1, iterations=1)
+    seconds = benchmark.pedantic(lambda: median_seconds(list(steps.values()), repeats=repeats, warmup=0),
+                                 rounds=1, iterations=1)
+    ms = {name: s * 1e3 for name, s in zip(steps, seconds)}
     ratios = {"speedup": ms["full"] / ms["alast"], "peak_memory": memory["alast"] / memory["full"]}
     benchmark.extra_info.update(ratios)
     if not benchmark.disabled:

@@ -30,7 +30,7 @@ OPS = {
 }
 
 EMULATED = _cuda_emulation.loaded()
-DEVICES_NOTE = "CUDA tensors; CPU tensors under `ALAST_CUDA_EMULATION=1` (the kernels emulated on the host)"
+DEVICES_NOTE = "CUDA tensors; CPU tensors under `ALAST_CUDA_EMULATION=1`"
 DEFAULT_SUPPORT = Supports(devices=("cuda", "cpu"))
 SUPPORTS = {
     "select_tokens": replace(DEFAULT_SUPPORT, how="radix select in shared memory (N ≤ 4096 cached, longer rows "

@@ -50,8 +50,8 @@ SUPPORTS = {
     "cls_scores": replace(DEFAULT_SUPPORT, k_norm=False, how="one read of `x`: LayerNorm statistics, H logits, "
                                                              "softmax, head mean"),
     # No elementwise part to fuse: the reference's autograd.Function (cuBLAS), any dtype.
-    "masked_linear": replace(DEFAULT_SUPPORT, dtypes=FLOAT_DTYPES, how="the reference's (cuBLAS; nothing to "
-                                                                       "fuse)"),
+    "masked_linear": replace(DEFAULT_SUPPORT, dtypes=FLOAT_DTYPES, how="the reference's own: cuBLAS, nothing to "
+                                                                       "fuse"),
     "masked_mlp": replace(DEFAULT_SUPPORT, how="cuBLAS matmuls + Triton GELU forward/backward kernels"),
     "fuse_tokens": replace(DEFAULT_SUPPORT, how="one pass over `x`: the row's selection from the scores, kept rows "
                                                 "copied, the rest summed into the fused token; backward one pass, "

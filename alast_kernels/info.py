@@ -1,0 +1,148 @@
+"""What this installation of alast_kernels can run: ``python -m alast_kernels.info [--markdown]``.
+
+Prints the build metadata (versions, what the compiled extension was built for, the switches that change
+what runs), each backend's availability on each kind of device and why not, and the table of declared
+capabilities (op × backend, from the backends' ``SUPPORTS``). ``--markdown`` prints only that table in
+the form the README shows; a test checks the README's copy equals it.
+
+Loading the backends is part of the check: with ``ALAST_CUDA_EMULATION=1`` the emulated kernels are built
+on first use (see :mod:`alast_kernels._cuda_emulation`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from typing import Dict, List, Optional
+
+import torch
+
+from . import __version__, _extension, backend
+from .backends.support import Call, Supports
+
+OPS = ("select_tokens", "gather_tokens", "scatter_tokens", "gather_layer_norm", "attention", "cls_scores",
+       "masked_linear", "masked_mlp")
+SWITCHES = ("ALAST_BACKEND", "TRITON_INTERPRET", "ALAST_CUDA_EMULATION", "ALAST_CACHE_DIR")
+
+
+def _load_all() -> Dict[str, object]:
+    return {name: backend.load(name) for name in backend.BACKENDS}
+
+
+def build_lines() -> List[str]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [f"alast_kernels {__version__}",
+             f"  torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
+             f"Python {platform.python_version()}"]
+    info = _extension.build_info()
+    if not info or not info.get("EXTENSION"):
+        lines.append("  alast_kernels._C: not built (no CUDA toolkit or GPU at build time, or ALAST_SKIP_CUDA=1)")
+    else:
+        mismatch = _extension.mismatch(info)
+        lines.append(f"  alast_kernels._C: built for torch {info.get('TORCH_VERSION')}, CUDA {info.get('CUDA_VERSION')}, "
+                     f"arch {info.get('ARCH_LIST')}, Python {info.get('PYTHON_VERSION')}"
+                     + (f" -- MISMATCH: {mismatch}" if mismatch else ""))
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    lines.append(f"  GPUs: {', '.join(devices) if devices else 'none visible'}")
+    switches = ", ".join(f"{name}={os.environ[name]}" for name in SWITCHES if name in os.environ)
+    lines.append(f"  switches: {switches or 'none set'}; backend choice: {backend.get_backend()}")
+    return lines
+
+
+def _usable(module, device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no (no CUDA device visible)"
+    refusal = module.device_refusal(device)
+    return "yes" if refusal is None else f"no ({refusal})"
+
+
+def availability_lines(modules: Dict[str, object]) -> List[str]:
+    lines = ["backends:"]
+    for name, module in modules.items():
+        if module is None:
+            lines.append(f"  {name:<10} not available: {backend.import_error(name)}")
+            continue
+        lines.append(f"  {name:<10} {module.DEVICES_NOTE}")
+        for device in ("cuda", "cpu"):
+            lines.append(f"  {'':<10}   {device} tensors here: {_usable(module, device)}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ capability table
+def _declared_choice(modules, op: str, call: Call) -> Optional[str]:
+    """The backend ``auto`` takes for ``call`` by the declarations alone (every backend assumed usable)."""
+    for name in backend.candidates(op, call.device, "auto"):
+        module = modules[name]
+        if op in module.OPS and not backend.declaration(module, op).refusals(call):
+            return name
+    return None
+
+
+def _auto_cell(modules, op: str) -> str:
+    """``auto``'s choice on CUDA tensors, and where the calls a kernel declines go instead."""
+    chosen = _declared_choice(modules, op, Call("cuda", "bfloat16"))
+    limits = backend.declaration(modules[chosen], op)
+    exceptions = []
+    probes = [("float64", Call("cuda", "float64"))]
+    if limits.max_head_dim is not None:
+        probes.append((f"head dim > {limits.max_head_dim}", Call("cuda", "bfloat16", head_dim=limits.max_head_dim + 1)))
+    if not limits.k_norm:
+        probes.append(("`k_norm`", Call("cuda", "bfloat16", k_norm=True)))
+    for label, call in probes:
+        other = _declared_choice(modules, op, call)
+        if other != chosen:
+            exceptions.append(f"{other} for {label}")
+    return chosen + (f" ({'; '.join(exceptions)})" if exceptions else "")
+
+
+def _cell(module, op: str) -> str:
+    if module is None or op not in module.OPS:
+        return "—"
+    support = backend.declaration(module, op)
+    default: Supports = module.DEFAULT_SUPPORT
+    limits = [part for part in support.describe().split("; ") if part not in default.describe().split("; ")]
+    return support.how + (f" ({'; '.join(limits)})" if limits else "")
+
+
+def markdown_table(modules: Optional[Dict[str, object]] = None) -> str:
+    """The op × backend table of declared capabilities, as the README shows it."""
+    modules = _load_all() if modules is None else modules
+    missing = [f"{name}: {backend.import_error(name)}" for name, module in modules.items() if module is None]
+    if missing:
+        raise RuntimeError("the capability table needs every backend loadable: " + "; ".join(missing))
+    names = list(modules)
+    rows = ["| op | " + " | ".join(names) + " | `auto` on CUDA tensors |",
+            "|---" * (len(names) + 2) + "|",
+            "| *runs on* | " + " | ".join(modules[n].DEVICES_NOTE for n in names) + " | cuda, then triton, then "
+            "reference |",
+            "| *dtypes* | " + " | ".join(modules[n].DEFAULT_SUPPORT.describe() for n in names) + " | |"]
+    for op in OPS:
+        rows.append(f"| `{op}` | " + " | ".join(_cell(modules[n], op) for n in names) + f" | {_auto_cell(modules, op)} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m alast_kernels.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print only the capability table (README form)")
+    args = parser.parse_args(argv)
+    modules = _load_all()
+    if args.markdown:
+        print(markdown_table(modules), end="")
+        return
+    print("\n".join(build_lines()))
+    print()
+    print("\n".join(availability_lines(modules)))
+    print()
+    print("declared capabilities (what each backend's implementation runs; the dispatcher's input):")
+    try:
+        print(markdown_table(modules), end="")
+    except RuntimeError as exc:
+        print(f"  {exc}")
+
+
+if __name__ == "__main__":
+    main()
