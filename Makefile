@@ -14,7 +14,7 @@ ifneq ($(shell command -v nvcc 2>/dev/null),)
 export ALAST_FORCE_CUDA ?= 1
 endif
 
-.PHONY: venv demo test bench wheel clean
+.PHONY: venv demo test bench wheel clean gpu-resources backend-table
 
 venv: $(STAMP)
 
@@ -38,6 +38,15 @@ wheel: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# Static GPU resource report (registers, spills, shared memory, H100 occupancy of every kernel), no GPU
+# needed: benchmarks/results/gpu_resources.json and the README's table. Needs nvcc.
+gpu-resources: $(STAMP)
+	$(PY) benchmarks/gpu_resources.py
+
+# The README's backend table, from the backends' declared capabilities.
+backend-table: $(STAMP)
+	$(PY) -c "import alast_kernels.info as info; info.write_readme_table('README.md')"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

@@ -243,6 +243,25 @@ def test_a_backend_that_fails_to_import_is_skipped_with_its_reason(monkeypatch):
     assert "triton: could not be loaded (ImportError: no module named triton)" in message
 
 
+# ------------------------------------------------------------------------------------------ the README table
+def test_readme_backend_table_is_generated_from_the_declarations():
+    """README, "Ops and backends": regenerate with ``make backend-table`` when a declaration changes."""
+    from alast_kernels import info
+    assert info.readme_table((ROOT / "README.md").read_text()) == info.markdown_table()
+
+
+def test_capability_table_follows_the_declarations(monkeypatch):
+    from dataclasses import replace
+
+    from alast_kernels import info
+    modules = {name: backend.load(name) for name in backend.BACKENDS}
+    triton = modules["triton"]
+    narrower = dict(triton.SUPPORTS, attention=replace(triton.SUPPORTS["attention"], max_head_dim=96))
+    monkeypatch.setattr(triton, "SUPPORTS", narrower)
+    row = next(line for line in info.markdown_table(modules).splitlines() if line.startswith("| `attention`"))
+    assert "(head dim ≤ 96)" in row and row.endswith("| triton (reference for float64; reference for head dim > 96) |")
+
+
 # ------------------------------------------------------------------------------------------ torch.compile
 COMPILE_SCRIPT = """
 import warnings

@@ -196,7 +196,9 @@ def _settings(Dh: int, dtype: torch.dtype):
     else:
         # float32 tiles take twice the shared memory: 32 keeps head dim 128 under 100 KB (sm_80 and up).
         block = 32 if dtype == torch.float32 else 64
-    warps = 4 if block_d <= 64 else 8
+    # 8 warps: with 4, the 64-wide tiles of the backward kernels need 255 registers and spill on sm_80, and
+    # the float32 forward spills on sm_90 (README, "GPU resources").
+    warps = 8
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return block, block_d, warps, ("tf32" if tf32 else "ieee")
 
@@ -242,7 +244,7 @@ def _cls_row(q, k, lse, scale):
     sq = q.stride()
     _cls_row_kernel[(B, triton.cdiv(Nk, block_n))](
         q, k, lse, out, sq[0], sq[1], sq[3], *k.stride(), H, Nq, Nk, Dh, scale * _LOG2E,
-        BLOCK_N=block_n, BLOCK_D=block_d)
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_common.num_warps(block_n * block_d, per_thread=32))
     return out
 
 

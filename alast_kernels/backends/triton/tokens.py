@@ -20,6 +20,9 @@ from ..autograd import gather_function, scatter_function
 from . import _common
 
 _BLOCK_ROWS = 4  # kept rows per program
+# The LayerNorm backward keeps five row tiles live: 2 rows per program and 4 elements per thread (16 warps
+# at D = 768: 40 registers, 75% occupancy on an H100; 4 rows with 4 warps needed 128 registers, 25%).
+_BWD_BLOCK_ROWS = 2
 _MAX_BLOCK_D = 1024  # channel block of the copy kernels; wider rows use several programs
 
 
@@ -207,7 +210,7 @@ class GatherLayerNormFunction(torch.autograd.Function):
             _gather_ln_fwd_kernel[(triton.cdiv(R, _BLOCK_ROWS),)](
                 x, idx, weight, bias, x_kept, y, mean, rstd, R, K, N, D, eps,
                 HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=_BLOCK_ROWS,
-                BLOCK_D=_common.row_block(D), num_warps=4 if D <= 1024 else 8)
+                BLOCK_D=_common.row_block(D), num_warps=_common.num_warps(_BLOCK_ROWS * _common.row_block(D), 16))
         # x is the block's residual input, alive anyway: saving it costs no memory.
         ctx.save_for_backward(x, idx, weight, mean, rstd)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -225,14 +228,15 @@ class GatherLayerNormFunction(torch.autograd.Function):
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
         if not (need_dx or need_dw or need_db) or R == 0:
             return None, None, None, None, None
-        programs = triton.cdiv(R, _BLOCK_ROWS)
+        programs = triton.cdiv(R, _BWD_BLOCK_ROWS)
         dx_acc = torch.zeros((B, N, D), dtype=torch.float32, device=x.device) if need_dx else None
         dw_part = _common.new_output((programs, D), torch.float32, x.device) if need_dw else None
         db_part = _common.new_output((programs, D), torch.float32, x.device) if need_db else None
         _gather_ln_bwd_kernel[(programs,)](
             x, idx, weight, mean, rstd, grad_y.contiguous(), grad_kept.contiguous(), dx_acc, dw_part, db_part,
             R, K, N, D, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_R=_BLOCK_ROWS, BLOCK_D=_common.row_block(D), num_warps=4 if D <= 1024 else 8)
+            BLOCK_R=_BWD_BLOCK_ROWS, BLOCK_D=_common.row_block(D),
+            num_warps=_common.num_warps(_BWD_BLOCK_ROWS * _common.row_block(D), per_thread=4))
         grad_x = dx_acc.to(x.dtype) if need_dx else None
         grad_w = dw_part.sum(0).to(weight.dtype) if need_dw else None
         grad_b = db_part.sum(0).to(ctx.bias_dtype) if need_db else None
