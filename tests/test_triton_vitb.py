@@ -1,15 +1,24 @@
 """Every Triton kernel, forward and backward, at ViT-B/16 shapes against the reference: B=2 images of N=197
-tokens, D=768 channels, 12 heads of 64, 99 kept tokens, a 3072-wide MLP — the launchers' real block sizes
-for these widths (masks, loops over channel blocks, per-program partial sums) rather than the tiny shapes of
-the other triton tests. Without a GPU they run under the interpreter (float32); marked ``vitb``
-(``pytest -m vitb``; README, "Tests", says how long they take).
+tokens, D=768 channels, 12 heads of 64, 99 kept tokens, a 3072-wide MLP — with the launchers' real block
+sizes and tiles for these widths (masks, loops over channel blocks, per-program partial sums; attention with
+its GPU tiles, not the interpreter's small ones) rather than the tiny shapes of the other triton tests.
+Without a GPU they run under the interpreter (float32); marked ``vitb`` (``pytest -m vitb``; README,
+"Tests", says how long they take).
 """
+import importlib
+
 import pytest
 import torch
 
 from triton_testing import DEVICE, REFERENCE_OPS, TRITON_OPS, grads, nan_outputs  # noqa: F401
 
 pytestmark = pytest.mark.vitb
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tiles(monkeypatch):
+    attention = importlib.import_module("alast_kernels.backends.triton.attention")
+    monkeypatch.setattr(attention, "INTERPRETER_BLOCK", None)
 
 B, N, D, H, K, F = 2, 197, 768, 12, 99, 3072
 Dh = D // H
