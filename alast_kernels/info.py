@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import __version__, _extension, backend
+from . import __version__, _cuda_emulation, _extension, backend
 from .backends.support import Call, Supports
 
 SWITCHES = ("ALAST_BACKEND", "TRITON_INTERPRET", "ALAST_CUDA_EMULATION", "ALAST_CACHE_DIR")
@@ -44,6 +44,8 @@ def build_lines() -> List[str]:
         lines.append(f"  alast_kernels._C: built for torch {info.get('TORCH_VERSION')}, CUDA {info.get('CUDA_VERSION')}, "
                      f"arch {info.get('ARCH_LIST')}, Python {info.get('PYTHON_VERSION')}"
                      + (f" -- MISMATCH: {mismatch}" if mismatch else ""))
+    if _cuda_emulation.requested():
+        lines.append(f"  CUDA emulation: requested; its library is built on first use under {_cuda_emulation.cache_root()}")
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     lines.append(f"  GPUs: {', '.join(devices) if devices else 'none visible'}")
     switches = ", ".join(f"{name}={os.environ[name]}" for name in SWITCHES if name in os.environ)

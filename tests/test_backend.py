@@ -250,6 +250,18 @@ def test_readme_backend_table_is_generated_from_the_declarations():
     assert info.readme_table((ROOT / "README.md").read_text()) == info.markdown_table()
 
 
+def test_info_prints_build_availability_with_reasons_and_the_table():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "alast_kernels.info"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.startswith("alast_kernels ") and f"torch {torch.__version__}" in out
+    triton_lines = out.split("  triton ", 1)[1].splitlines()[:3]
+    assert "cpu tensors here: no (CPU tensors run only under the Triton interpreter" in "\n".join(triton_lines)
+    assert "| `select_tokens` |" in out and "| op | reference | triton | cuda |" in out
+
+
 def test_capability_table_follows_the_declarations(monkeypatch):
     from dataclasses import replace
 
