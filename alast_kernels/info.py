@@ -41,11 +41,12 @@ def build_lines() -> List[str]:
         lines.append("  alast_kernels._C: not built (no CUDA toolkit or GPU at build time, or ALAST_SKIP_CUDA=1)")
     else:
         mismatch = _extension.mismatch(info)
-        lines.append(f"  alast_kernels._C: built for torch {info.get('TORCH_VERSION')}, CUDA {info.get('CUDA_VERSION')}, "
-                     f"arch {info.get('ARCH_LIST')}, Python {info.get('PYTHON_VERSION')}"
-                     + (f" -- MISMATCH: {mismatch}" if mismatch else ""))
+        lines.append(f"  alast_kernels._C: built for torch {info.get('TORCH_VERSION')}, "
+                     f"CUDA {info.get('CUDA_VERSION')}, arch {info.get('ARCH_LIST')}, "
+                     f"Python {info.get('PYTHON_VERSION')}" + (f" -- MISMATCH: {mismatch}" if mismatch else ""))
     if _cuda_emulation.requested():
-        lines.append(f"  CUDA emulation: requested; its library is built on first use under {_cuda_emulation.cache_root()}")
+        lines.append("  CUDA emulation: requested; its library is built on first use under "
+                     f"{_cuda_emulation.cache_root()}")
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     lines.append(f"  GPUs: {', '.join(devices) if devices else 'none visible'}")
     switches = ", ".join(f"{name}={os.environ[name]}" for name in SWITCHES if name in os.environ)
@@ -121,7 +122,8 @@ def markdown_table(modules: Optional[Dict[str, object]] = None) -> str:
             "reference |",
             "| *dtypes* | " + " | ".join(modules[n].DEFAULT_SUPPORT.describe() for n in names) + " | |"]
     for op in modules["reference"].OPS:  # every op has a reference implementation
-        rows.append(f"| `{op}` | " + " | ".join(_cell(modules[n], op) for n in names) + f" | {_auto_cell(modules, op)} |")
+        cells = " | ".join(_cell(modules[n], op) for n in names)
+        rows.append(f"| `{op}` | {cells} | {_auto_cell(modules, op)} |")
     return "\n".join(rows) + "\n"
 
 

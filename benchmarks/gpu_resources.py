@@ -129,8 +129,8 @@ def ptxas_usage(log: str) -> Dict[str, Dict[str, int]]:
     for line in log.splitlines():
         m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line)
         if m:
-            current = usage.setdefault(m.group(1), {"registers": 0, "spill_stores": 0, "spill_loads": 0,
-                                                     "stack": 0, "static_shared": 0})
+            current = usage.setdefault(m.group(1), dict.fromkeys(
+                ("registers", "spill_stores", "spill_loads", "stack", "static_shared"), 0))
             continue
         if current is None:
             continue

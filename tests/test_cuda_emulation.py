@@ -3,6 +3,7 @@ execution model, and deliberately broken kernels it must stop — so the emulate
 able to fail. The kernels are in tests/cuda_emulation_kernels.cu, built with the emulation runtime.
 """
 import ctypes
+import re
 
 import pytest
 
@@ -64,15 +65,16 @@ def test_ballot_butterfly_popc_and_shared_atomics(run):
     ("divergent_barrier", CUDA_ERROR_LAUNCH_FAILURE, r"every thread of a block must reach each barrier"),
     ("shuffle_with_exited_lanes", CUDA_ERROR_LAUNCH_FAILURE,
      r"(exited without reaching it|lane \d+ exited while lanes 0x[0-9a-f]+ wait for it)"),
-    ("lane_outside_its_mask", CUDA_ERROR_LAUNCH_FAILURE, r"__ballot_sync: the calling lane \d+ is not in mask 0x00000001"),
+    ("lane_outside_its_mask", CUDA_ERROR_LAUNCH_FAILURE,
+     r"__ballot_sync: the calling lane \d+ is not in mask 0x00000001"),
     ("failed_device_check", CUDA_ERROR_ASSERT,
-     r"thread \(5, 0, 0\): device-side assertion `threadIdx.x != 5` failed .*: alast_kernels: thread 5 is not allowed$"),
+     r"thread \(5, 0, 0\): device-side assertion `threadIdx.x != 5` failed .*: alast_kernels: thread 5 is not "
+     r"allowed$"),
     ("too_many_threads", CUDA_ERROR_INVALID_CONFIGURATION, r"invalid block \(1025, 1, 1\)"),
     ("empty_grid", CUDA_ERROR_INVALID_CONFIGURATION, r"invalid grid \(0, 1, 1\)"),
     ("too_much_dynamic_shared", CUDA_ERROR_INVALID_VALUE, r"49156 bytes of dynamic shared memory exceed the 49152"),
 ])
 def test_broken_kernels_and_launches_are_stopped_with_a_message(run, case, status, message):
-    import re
     got_status, got_message, _ = run(case)
     assert got_status == status, got_message
     assert re.search(message, got_message), got_message

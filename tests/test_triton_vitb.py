@@ -20,6 +20,7 @@ def _gpu_tiles(monkeypatch):
     attention = importlib.import_module("alast_kernels.backends.triton.attention")
     monkeypatch.setattr(attention, "INTERPRETER_BLOCK", None)
 
+
 B, N, D, H, K, F = 2, 197, 768, 12, 99, 3072
 Dh = D // H
 DTYPE = torch.float32

@@ -54,8 +54,8 @@ class Call:
 class Supports:
     """What one backend's implementation of one op runs.
 
-    devices: device types it runs on, ``ANY_DEVICE`` (``None``) for any (a backend's ``device_refusal`` says whether it can
-        right now).
+    devices: device types it runs on, ``ANY_DEVICE`` (``None``) for any (a backend's ``device_refusal`` says
+        whether it can right now).
     dtypes: the dtypes it computes in.
     max_head_dim: the largest ``head_dim`` it takes (``None``: any).
     k_norm: whether it scores blocks that have a key norm.

@@ -111,8 +111,9 @@ class SharedArray {
 
 // ------------------------------------------------------------------------------------------ launches
 using ThreadBody = void (*)(void* closure);
-// Runs `body(closure)` on every thread of every block; the status of the launch.
-cudaError_t launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_shared_bytes, ThreadBody body,
+// Runs `body(closure)` on every thread of every block; the status of the launch. `pretty_name` is
+// Launch<Kernel>::name(), from which the kernel's name is read for records and messages.
+cudaError_t launch(const char* pretty_name, dim3 grid, dim3 block, size_t dynamic_shared_bytes, ThreadBody body,
                    void* closure);
 
 // ALAST_LAUNCH(grid, block, shared, stream, kernel)(args...): `kernel(args...)` on every emulated thread.
