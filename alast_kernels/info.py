@@ -93,6 +93,8 @@ def _auto_cell(modules, op: str) -> str:
         probes.append((f"head dim > {limits.max_head_dim}", Call("cuda", "bfloat16", head_dim=limits.max_head_dim + 1)))
     if not limits.k_norm:
         probes.append(("`k_norm`", Call("cuda", "bfloat16", k_norm=True)))
+    if limits.max_queries is not None:
+        probes.append((f"> {limits.max_queries} queries", Call("cuda", "bfloat16", queries=limits.max_queries + 1)))
     for label, call in probes:
         other = _declared_choice(modules, op, call)
         if other != chosen:

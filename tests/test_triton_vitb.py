@@ -1,7 +1,8 @@
 """Every Triton kernel, forward and backward, at ViT-B/16 shapes against the reference: B=2 images of N=197
-tokens, D=768 channels, 12 heads of 64, 99 kept tokens, a 3072-wide MLP — with the launchers' real block
-sizes and tiles for these widths (masks, loops over channel blocks, per-program partial sums; attention with
-its GPU tiles, not the interpreter's small ones) rather than the tiny shapes of the other triton tests.
+tokens, D=768 channels, 12 heads of 64, 99 kept tokens, a 3072-wide MLP, 138 tokens kept by a fuse, 4
+queries over all tokens — with the launchers' real block
+sizes and tiles for these widths (masks, loops over channel blocks, per-program partial sums; the attention
+kernels with their GPU tiles, not the interpreter's small ones) rather than the tiny shapes of the other triton tests.
 Without a GPU they run under the interpreter (float32); marked ``vitb`` (``pytest -m vitb``; README,
 "Tests", says how long they take).
 """
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.vitb
 
 @pytest.fixture(autouse=True)
 def _gpu_tiles(monkeypatch):
-    attention = importlib.import_module("alast_kernels.backends.triton.attention")
-    monkeypatch.setattr(attention, "INTERPRETER_BLOCK", None)
+    for name in ("attention", "query_attention"):
+        monkeypatch.setattr(importlib.import_module(f"alast_kernels.backends.triton.{name}"), "INTERPRETER_BLOCK",
+                            None)
 
 
 B, N, D, H, K, F = 2, 197, 768, 12, 99, 3072
@@ -95,6 +97,30 @@ def test_attention_with_class_row(nan_outputs, gen):
     torch.testing.assert_close(got_cls, want_cls, rtol=1e-5, atol=1e-6)
     g = torch.randn(B, H, N, Dh, generator=gen).to(DEVICE)
     _assert_grads_close(grads(got, [qkv], g), grads(want, [qkv], g), rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_tokens(nan_outputs, gen):
+    """Sparse-Tuning's fuse at keep rate 0.7: 138 of 196 patches kept, the other 58 folded into one."""
+    x = _leaf(B, N, D, gen=gen)
+    scores = torch.rand(B, N, generator=gen).softmax(dim=1).to(DEVICE)
+    got, want = TRITON_OPS["fuse_tokens"](x, scores, 138, 1), REFERENCE_OPS["fuse_tokens"](x, scores, 138, 1)
+    assert torch.equal(got[:, :-1], want[:, :-1])
+    torch.testing.assert_close(got[:, -1], want[:, -1], rtol=1e-5, atol=1e-6)
+    g = torch.randn(B, 140, D, generator=gen).to(DEVICE)
+    _assert_grads_close(grads(got, [x], g), grads(want, [x], g), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_grad", [False, True])
+def test_query_attention(nan_outputs, gen, kv_grad):
+    """SynQT's read-out: 4 queries per head over all 197 tokens' keys and values."""
+    q = _leaf(B, H, 4, Dh, gen=gen)
+    kv = _leaf(B, 2, H, N, Dh, gen=gen).requires_grad_(kv_grad)
+    k, v = kv[:, 0], kv[:, 1]
+    got, want = (ops["query_attention"](q, k, v, Dh ** -0.5) for ops in (TRITON_OPS, REFERENCE_OPS))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(B, H, 4, Dh, generator=gen).to(DEVICE)
+    inputs = [q, kv] if kv_grad else [q]
+    _assert_grads_close(grads(got, inputs, g), grads(want, inputs, g), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("train", [True, False])

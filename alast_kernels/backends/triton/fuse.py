@@ -110,7 +110,8 @@ class FuseTokensFunction(torch.autograd.Function):
             grid, block_d = _grid(B, D)
             select_block = min(_MAX_SELECT_BLOCK, _common.row_block(N - num_prefix))
             _fuse_fwd_kernel[grid](x, scores, out, slots, N, D, keep, P=num_prefix, SELECT_BLOCK=select_block,
-                                   BLOCK_N=_block_n(N), BLOCK_D=block_d)
+                                   BLOCK_N=_block_n(N), BLOCK_D=block_d,
+                                   num_warps=_common.num_warps(_block_n(N) * block_d, per_thread=16))
         ctx.save_for_backward(scores, slots)
         return out
 
@@ -126,7 +127,8 @@ class FuseTokensFunction(torch.autograd.Function):
         if B and D:
             grid, block_d = _grid(B, D)
             _fuse_bwd_kernel[grid](grad_out.contiguous(), scores, slots, grad_x, N, D, out_rows,
-                                   BLOCK_N=_block_n(N), BLOCK_D=block_d)
+                                   BLOCK_N=_block_n(N), BLOCK_D=block_d,
+                                   num_warps=_common.num_warps(_block_n(N) * block_d, per_thread=16))
         return grad_x, None, None, None
 
 
