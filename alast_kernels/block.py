@@ -2,7 +2,7 @@
 
 With no plan, or in ``eval()`` mode, a ``ViTBlock`` computes what timm's ``Block`` computes, through
 :mod:`alast_kernels.ops` so the fused kernels serve full fine-tuning too. With a plan (set by
-:class:`alast_kernels.ALaST`) in training mode it follows DESIGN.md §1: score tokens by the class token's
+:class:`alast_kernels.ALaST`) in training mode it follows docs/alast.md §1: score tokens by the class token's
 attention, keep the prefix and the top-k others, run the block on those only, write the update back.
 """
 from __future__ import annotations

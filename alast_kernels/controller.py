@@ -55,7 +55,7 @@ def _check_fraction(name: str, value) -> float:
 
 
 class ALaST:
-    """Adaptive Layer Selection for a timm ``VisionTransformer`` (DESIGN.md §2).
+    """Adaptive Layer Selection for a timm ``VisionTransformer`` (docs/alast.md §2).
 
     Args:
         model: a timm ``VisionTransformer`` with a class token, or a module holding one — a

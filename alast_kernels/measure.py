@@ -1,4 +1,4 @@
-"""Measuring a training step the way DESIGN.md §7 asks: FLOPs, activation memory, wall time."""
+"""Measuring a training step the way docs/testing.md, "Measuring" asks: FLOPs, activation memory, wall time."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""Budget maths of DESIGN.md §2, as plain functions on per-layer lists (no model, no state)."""
+"""Budget maths of docs/alast.md §2, as plain functions on per-layer lists (no model, no state)."""
 from __future__ import annotations
 
 from typing import List, Sequence

@@ -1,4 +1,4 @@
-// cls_scores: the class token's head-averaged attention row from one read of x (DESIGN.md §4).
+// cls_scores: the class token's head-averaged attention row from one read of x (docs/alast.md, "Scoring without projecting every key").
 //
 // The host folds everything token-independent into u (B, H, D) = scale · ln_weight ⊙ (W_kᵀ q_cls) per
 // head; the LayerNorm bias and the key bias add the same logit to every token and cancel in the softmax.

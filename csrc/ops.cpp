@@ -212,7 +212,7 @@ TORCH_LIBRARY_IMPL(alast, CPU, m) { ALAST_REGISTER(m) }
 TORCH_LIBRARY_IMPL(alast, CUDA, m) { ALAST_REGISTER(m) }
 #endif
 
-// Outputs without a gradient (indices; scores that DESIGN.md defines as constants): autograd passes them
+// Outputs without a gradient (indices; scores that docs/ops.md defines as constants): autograd passes them
 // through. gather/scatter get their backward from alast_kernels.backends.cuda's autograd.Functions.
 TORCH_LIBRARY_IMPL(alast, Autograd, m) {
   m.impl("select_tokens", torch::CppFunction::makeFallthrough());

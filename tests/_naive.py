@@ -1,4 +1,4 @@
-"""Naive float64 re-derivations of the ALaST ops, written from DESIGN.md with explicit loops and maths.
+"""Naive float64 re-derivations of the ALaST ops, written from docs/ops.md and docs/alast.md with explicit loops and maths.
 
 They avoid the torch functions the reference backend uses (no ``gather``/``scatter_add``,
 ``F.layer_norm``, ``scaled_dot_product_attention``, ``F.gelu``, ``F.linear``, ``torch.sort``), so a test

@@ -98,7 +98,7 @@ def assert_same(got, want, atol=ATOL):
 
 
 def timm_scores(ref, x):
-    """Step 1 of DESIGN.md §1 computed through timm's own modules, projecting every key."""
+    """Step 1 of docs/alast.md §1 computed through timm's own modules, projecting every key."""
     with torch.no_grad():
         attn = ref.attn
         qkv = attn.qkv(ref.norm1(x)).reshape(x.shape[0], x.shape[1], 3, attn.num_heads, attn.head_dim)

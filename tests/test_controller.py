@@ -1,4 +1,4 @@
-"""The ALaST controller and its budget policies (DESIGN.md §2) on a tiny timm ViT (4 blocks, 16 patches)."""
+"""The ALaST controller and its budget policies (docs/alast.md §2) on a tiny timm ViT (4 blocks, 16 patches)."""
 import copy
 import io
 import math

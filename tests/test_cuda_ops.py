@@ -3,7 +3,7 @@ CUDA emulation (``ALAST_CUDA_EMULATION=1``, chosen by the root conftest): the sa
 same Python path either way (docs/cuda-emulation.md).
 
 Selection and copies are exact, so they are compared bit for bit; sums (scatter, gather backward with
-repeated indices, scores) follow DESIGN.md §6: float32 tight, float16/bfloat16 at most 2x the error of the
+repeated indices, scores) follow docs/testing.md: float32 tight, float16/bfloat16 at most 2x the error of the
 reference run in the same precision, both measured against float64, plus a small absolute slack.
 Misaligned inputs are views 2 elements into NaN-filled buffers, so a kernel that read outside them would
 show it. Under the emulation every CUDA thread is a host thread, so batches are smaller there (each row is
@@ -36,7 +36,7 @@ def gen():
 
 
 def _assert_near_float64(out, same_precision_ref, ref64, slack):
-    """DESIGN.md §6: |out - ref64| <= 2 |ref_same_precision - ref64| + slack, elementwise maxima."""
+    """docs/testing.md: |out - ref64| <= 2 |ref_same_precision - ref64| + slack, elementwise maxima."""
     err = (out.double() - ref64).abs().max().item()
     ref_err = (same_precision_ref.double() - ref64).abs().max().item()
     assert err <= 2 * ref_err + slack, f"kernel error {err:.3g}, reference error {ref_err:.3g}"

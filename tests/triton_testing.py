@@ -18,7 +18,7 @@ TRITON_OPS = triton_backend.OPS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Same rule as conftest's `requires_gpu`, defined here so test modules need not import conftest by name.
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-# The interpreter's bfloat16 and TF32 dots differ from a GPU's (DESIGN.md §6): bfloat16 is GPU-only.
+# The interpreter's bfloat16 and TF32 dots differ from a GPU's (docs/testing.md): bfloat16 is GPU-only.
 DTYPES = (torch.float32, torch.float16)
 
 
@@ -52,7 +52,7 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_flash_rule(name: str, ours: torch.Tensor, torch_same: torch.Tensor, exact: torch.Tensor,
                       slack: float = 1e-5) -> None:
-    """DESIGN.md §6: our error against the float64 result at most 2x PyTorch's own in the same precision."""
+    """docs/testing.md: our error against the float64 result at most 2x PyTorch's own in the same precision."""
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     ours_err, torch_err = max_error(ours, exact), max_error(torch_same, exact)
     assert ours_err <= 2 * torch_err + slack, f"{name}: error {ours_err:.3g} > 2 x PyTorch's {torch_err:.3g} + {slack}"

@@ -130,13 +130,13 @@ def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
                qkv_weight: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, *,
                eps: float = 1e-6, scale: Optional[float] = None, q_norm: Optional[Callable] = None,
                k_norm: Optional[Callable] = None) -> torch.Tensor:
-    """The class token's head-averaged attention row for a whole block input (DESIGN.md §1, step 1).
+    """The class token's head-averaged attention row for a whole block input (docs/alast.md §1, step 1).
 
     x: ``(B, N, D)``; norm_weight/norm_bias: the block's ``norm1`` (LayerNorm) ``(D,)`` or ``None``;
     qkv_weight: ``(3·D, D)``; qkv_bias: ``(3·D,)`` or ``None``. ``q_norm``/``k_norm`` are the
     block's per-head query/key norms (callables on ``(..., Dh)``), ``None`` for none; with a ``k_norm``
     the keys are projected, otherwise the scores come from one ``D``-vector per image and head
-    (DESIGN.md §4). Returns float32 ``(B, N)`` without gradient; each row sums to 1.
+    (docs/alast.md, "Scoring without projecting every key"). Returns float32 ``(B, N)`` without gradient; each row sums to 1.
     """
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     D = x.shape[2]

@@ -1,4 +1,4 @@
-"""cls_scores on the ``alast::cls_scores`` kernel (DESIGN.md §4).
+"""cls_scores on the ``alast::cls_scores`` kernel (docs/alast.md, "Scoring without projecting every key").
 
 The class-query vectors ``u`` (:mod:`alast_kernels.backends.class_query`, shared by every backend) are small
 torch matmuls on the class token only, computed in float32 with autocast off; the kernel then reads ``x``

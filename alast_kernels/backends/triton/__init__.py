@@ -1,4 +1,4 @@
-"""The triton backend: fused Triton kernels for every ALaST op (DESIGN.md §3).
+"""The triton backend: fused Triton kernels for every ALaST op (docs/ops.md).
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter; that is how
 tests exercise the kernels without a GPU). Implementations take arguments already checked by
