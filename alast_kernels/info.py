@@ -1,7 +1,8 @@
 """What this installation of alast_kernels can run: ``python -m alast_kernels.info [--markdown]``.
 
 Prints the build metadata (versions, what the compiled extension was built for, the switches that change
-what runs), each backend's availability on each kind of device and why not, and the table of declared
+what runs), each backend's availability on each kind of device and why not, the fine-tuning methods with
+their options, and the table of declared
 capabilities (op × backend, from the backends' ``SUPPORTS``). ``--markdown`` prints only that table in
 the form the README shows; a test checks the README's copy equals it.
 
@@ -147,6 +148,18 @@ def write_readme_table(path: str) -> None:
         f.write(text[:start] + "\n" + markdown_table() + text[end:])
 
 
+def method_lines() -> List[str]:
+    """One line per registered fine-tuning method: its name, what trains, and its options."""
+    from . import methods
+
+    lines = ["methods (alast_kernels.methods.create(name, model, **options)):"]
+    for name in methods.available():
+        cls = methods.base._REGISTRY[name]
+        lines.append(f"  {name:<14} {cls.summary}")
+        lines.append(f"  {'':<14} options: {', '.join(methods.options_of(cls)) or 'none'}")
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alast_kernels.info", description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print only the capability table (README form)")
@@ -158,6 +171,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("\n".join(build_lines()))
     print()
     print("\n".join(availability_lines(modules)))
+    print()
+    print("\n".join(method_lines()))
     print()
     print("declared capabilities (what each backend's implementation runs; the dispatcher's input):")
     try:

@@ -260,6 +260,10 @@ def test_info_prints_build_availability_with_reasons_and_the_table():
     triton_lines = out.split("  triton ", 1)[1].splitlines()[:3]
     assert "cpu tensors here: no (CPU tensors run only under the Triton interpreter" in "\n".join(triton_lines)
     assert "| `select_tokens` |" in out and "| op | reference | triton | cuda |" in out
+    from alast_kernels import methods
+    listed = out.split("methods (", 1)[1].split("declared capabilities", 1)[0]
+    for name in methods.available():
+        assert f"\n  {name} " in listed and "options: " in listed, name
 
 
 def test_capability_table_follows_the_declarations(monkeypatch):
