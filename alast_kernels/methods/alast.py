@@ -45,6 +45,6 @@ class ALaSTLoRA(ALaSTMethod):
     summary = "ALaST over peft LoRA adapters: the adapters of the trained blocks and the head train"
     trains_backbone = False
 
-    def __init__(self, model: nn.Module, rank: int = 8, lora_alpha: float = 16.0, dropout: float = 0.0,
+    def __init__(self, model: nn.Module, rank: int = 8, lora_alpha: float = 8.0, dropout: float = 0.0,
                  target_modules: Sequence[str] = DEFAULT_TARGETS, **alast_options):
         super().__init__(add_lora(model, rank, lora_alpha, dropout, target_modules), **alast_options)

@@ -35,9 +35,17 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_m
 
 @register
 class LoRA(Method):
+    """peft LoRA over the blocks' linear layers.
+
+    Args:
+        rank: the adapters' rank ``r``; alpha: peft's ``lora_alpha`` (the update is scaled by ``alpha / r``;
+            8 and 8 are peft's own defaults); dropout: on the adapters' input; target_modules: which of the
+            blocks' ``qkv``, ``proj``, ``fc1``, ``fc2`` get adapters.
+    """
+
     name = "lora"
     summary = "peft LoRA on qkv/proj/fc1/fc2, adapters and head train"
 
-    def __init__(self, model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+    def __init__(self, model: nn.Module, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  target_modules: Sequence[str] = DEFAULT_TARGETS):
         super().__init__(add_lora(model, rank, alpha, dropout, target_modules))
