@@ -51,7 +51,7 @@ CACHE_METHODS = ("synqt", "losa")  # methods with a feature cache
 
 TEST_VIEWS = 4  # positions each held-out digit is rendered at
 PRETRAIN_STEPS = 400
-STEPS = 120
+STEPS = 300
 ADAPTER_LR = 5e-3
 
 
