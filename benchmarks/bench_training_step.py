@@ -9,8 +9,8 @@ where ALaST's budgets all tie.
 
 ``make bench`` runs the full measurement (batch 16) and times it: eager steps of every method interleaved,
 and compiled (``torch.compile``) against eager for full fine-tuning and ALaST; it writes
-``benchmarks/results/cpu_training_step.json``. ``make test`` runs a reduced smoke (batch 2, two warm-up steps, one measured)
-that still asserts the deterministic targets:
+``benchmarks/results/cpu_training_step.json`` (then fails if a target was missed). ``make test`` runs a
+reduced smoke (batch 2, two warm-up steps, one measured) that asserts the deterministic targets:
 
 * ALaST (token budget 0.6, 9 of 12 blocks trained): FLOPs ≤ 0.6× full and saved bytes ≤ 0.5× full at every
   measured step;
@@ -121,10 +121,10 @@ def test_steady_state_costs_of_every_method(benchmark):
     batch, warmup, measured = (2, 2, 1) if smoke else (16, 6, 6)
     runs, data = benchmark.pedantic(_measure_all, args=(batch, warmup, measured), rounds=1, iterations=1)
     ratios = _ratios(runs)
-    _check_targets(ratios)
     alast = runs["alast"].method.controller
     assert len({round(b, 6) for b in alast.budgets}) > 1, "the budgets did not move"
     if smoke:
+        _check_targets(ratios)
         return
 
     x, y = data[-1]
@@ -151,4 +151,7 @@ def test_steady_state_costs_of_every_method(benchmark):
         "alast_controller_seconds_per_step": alast.overhead_seconds / len(alast.history),
         "compiled_vs_eager": compiled,
         "targets": TARGETS,
+        "met": {name: {"flops": max(ratios[name]["flops"]) <= flops, "saved_bytes": max(ratios[name]["saved_bytes"]) <= saved}
+                for name, (flops, saved) in TARGETS.items() if name in ratios},
     })
+    _check_targets(ratios)  # after the results are written: a miss is reported, then fails the run
