@@ -64,7 +64,7 @@ class Run:
         self.flops, self.saved_bytes = [], []
 
     def loss(self, x, y, model=None):
-        return F.cross_entropy((model or self.method.model)(x), y)
+        return F.cross_entropy((self.method.model if model is None else model)(x), y)
 
     def step(self, x, y, model=None):
         with self.method.step():

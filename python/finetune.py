@@ -305,6 +305,18 @@ def summarise(runs: List[Dict]) -> Dict:
     return out
 
 
+ALAST_TARGET = (2.0, 0.6)  # ALaST's held-out accuracy within 2 points of full fine-tuning at <= 0.6x its FLOPs
+
+
+def alast_target(summary: Dict) -> Dict:
+    """ALaST's mean accuracy minus full fine-tuning's (points) and its FLOP ratio, against ``ALAST_TARGET``."""
+    gap = 100 * (summary["alast"]["accuracy"]["mean"] - summary["full"]["accuracy"]["mean"])
+    flops = summary["alast"]["train_flops"]["mean"] / summary["full"]["train_flops"]["mean"]
+    points, ratio = ALAST_TARGET
+    return {"accuracy_gap_points": gap, "flops_ratio": flops, "target_points": points, "target_flops_ratio": ratio,
+            "met": gap >= -points and flops <= ratio}
+
+
 # ------------------------------------------------------------------------------------------------ main
 def _machine(device: torch.device) -> Dict:
     cpu = platform.processor() or ""
@@ -444,6 +456,8 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
             name: {k: s[k]["mean"] / full[k]["mean"] for k in ("train_flops", "peak_activation_bytes", "train_seconds",
                                                              "inference_flops_per_image") if k in s and full[k]["mean"]}
             for name, s in summary.items()}
+        if "alast" in summary:
+            record["alast_target"] = alast_target(summary)
     if not main_rank:
         return record
 
@@ -452,6 +466,11 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
     say(method_table(summary, seeds=args.seeds, memory_kind=runs[args.methods[0]][0].get("memory_kind")))
     say(f"\nFLOPs: forward+backward matmuls and attention (torch.utils.flop_counter), mean of {args.probes} measured "
         f"steps x {args.steps} steps; memory: max over the same steps; inference on 64 held-out images.")
+    if "alast_target" in record:
+        t = record["alast_target"]
+        say(f"\nALaST against full fine-tuning: {t['accuracy_gap_points']:+.1f} accuracy points (mean of {args.seeds} "
+            f"seed(s)) at {t['flops_ratio']:.2f}x the training FLOPs; target within {ALAST_TARGET[0]:g} points at "
+            f"<= {ALAST_TARGET[1]:g}x: {'met' if t['met'] else 'MISSED'}")
     for name, c in cache.items():
         say(f"{name} with its feature cache ({c['cache_bytes'] / 2**20:.1f} MiB, {len(train_set)} images rendered "
             f"once): epoch 1 {c['epoch_seconds'][0]:.1f} s (fills it), epoch 2 {c['epoch_seconds'][1]:.1f} s "

@@ -149,6 +149,12 @@ def test_main_writes_results_plots_and_the_comparison(tmp_path, cache_dir, capsy
     assert math.isclose(sum(alast["history"][0]["keep_ratio"]) / 2, 0.5, rel_tol=1e-6)  # token budget held
     assert saved["ratios_to_full"]["alast"]["train_flops"] == pytest.approx(alast["train_flops"] / full["train_flops"])
     assert saved["summary"]["full"]["accuracy"]["mean"] == full["accuracy"]
+    target = saved["alast_target"]  # the README's accuracy target, recomputed from the runs
+    gap = 100 * (alast["accuracy"] - full["accuracy"])
+    assert target["accuracy_gap_points"] == pytest.approx(gap)
+    assert target["flops_ratio"] == pytest.approx(alast["train_flops"] / full["train_flops"])
+    assert target["met"] == (gap >= -2 and target["flops_ratio"] <= 0.6)
+    assert f"ALaST against full fine-tuning: {gap:+.1f} accuracy points" in printed
     assert record["runs"]["full"][0]["accuracy"] == full["accuracy"]
 
     import matplotlib.image
