@@ -26,15 +26,7 @@ MODEL, OPTIONS, CLASSES, BATCH = "vit_tiny_patch16_224", {"img_size": 48, "patch
 METHODS = ("losa", "synqt")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_the_smoke(benchmark):
-    """`make test`'s smoke runs on one thread: on a busy 2-core machine two threads spin against the other
-    processes and run 20x slower. Measurements (`make bench`) keep every thread."""
-    threads = torch.get_num_threads()
-    if benchmark.disabled:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_for_the_smoke")
 
 
 def _epoch(method, data, labels, optimizer, use_ids: bool) -> float:

@@ -37,15 +37,7 @@ METHODS = ("full", "losa", "synqt")
 TARGETS = {"flops": 0.5, "saved_bytes": 0.3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_the_smoke(benchmark):
-    """`make test`'s smoke runs on one thread: on a busy 2-core machine two threads spin against the other
-    processes and run 20x slower. Measurements (`make bench`) keep every thread."""
-    threads = torch.get_num_threads()
-    if benchmark.disabled:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_for_the_smoke")
 
 
 class Variant:

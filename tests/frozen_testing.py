@@ -40,6 +40,17 @@ def perturb_trainable(method, seed: int = 2, scale: float = 0.2) -> None:
             p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale)
 
 
+def gradcheck_trainable(method, x: torch.Tensor) -> bool:
+    """``gradcheck`` of the logits against every trainable parameter of ``method`` (float64 ``x``)."""
+    names = [n for n, p in method.model.named_parameters() if p.requires_grad]
+
+    def logits(*params):
+        return torch.func.functional_call(method.model, dict(zip(names, params)), (x,))
+
+    params = [p.detach().clone().requires_grad_() for p in method.trainable_parameters()]
+    return torch.autograd.gradcheck(logits, params, fast_mode=True)
+
+
 def create(name: str, model, **options):
     method = ak.methods.create(name, model, **options)
     method.model.train()

@@ -7,7 +7,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 import _naive
 from alast_kernels.methods.losa import default_ranks
-from frozen_testing import TINY_CONFIGS, create, images, perturb_trainable, tiny_vit
+from frozen_testing import TINY_CONFIGS, create, gradcheck_trainable, images, perturb_trainable, tiny_vit
 
 
 @pytest.mark.parametrize("config", TINY_CONFIGS)
@@ -57,14 +57,7 @@ def test_gradcheck_side_path():
     vit = tiny_vit(img_size=16, embed_dim=16, num_heads=2, depth=2, num_classes=3, reg_tokens=1).double()
     method = create("losa", vit)
     perturb_trainable(method)
-    names = [n for n, p in method.model.named_parameters() if p.requires_grad]
-    x = images(2, size=16, dtype=torch.float64)
-
-    def logits(*params):
-        return torch.func.functional_call(method.model, dict(zip(names, params)), (x,))
-
-    params = [p.detach().clone().requires_grad_() for p in method.trainable_parameters()]
-    assert torch.autograd.gradcheck(logits, params, fast_mode=True)
+    assert gradcheck_trainable(method, images(2, size=16, dtype=torch.float64))
 
 
 def test_default_ranks_keep_the_side_network_small():

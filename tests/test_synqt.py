@@ -9,7 +9,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 import _naive
 import alast_kernels as ak
-from frozen_testing import TINY_CONFIGS, create, images, perturb_trainable, tiny_vit
+from frozen_testing import TINY_CONFIGS, create, gradcheck_trainable, images, perturb_trainable, tiny_vit
 from triton_testing import assert_flash_rule, triton_forced  # noqa: F401
 
 
@@ -60,14 +60,7 @@ def test_gradcheck_query_path():
                    qk_norm=True).double()
     method = create("synqt", vit, num_queries=3, hidden=2, rank=2)
     perturb_trainable(method)
-    names = [n for n, p in method.model.named_parameters() if p.requires_grad]
-    x = images(2, size=16, dtype=torch.float64)
-
-    def logits(*params):
-        return torch.func.functional_call(method.model, dict(zip(names, params)), (x,))
-
-    params = [p.detach().clone().requires_grad_() for p in method.trainable_parameters()]
-    assert torch.autograd.gradcheck(logits, params, fast_mode=True)
+    assert gradcheck_trainable(method, images(2, size=16, dtype=torch.float64))
 
 
 def test_trainable_size_on_vit_base():

@@ -33,6 +33,38 @@ INTERPRETER_BLOCK = 16
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
+def attend_all_keys(q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, Nk, qk_scale, dims, dim_ok,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Softmax attention of a tile of queries over all ``Nk`` keys, in one pass (online softmax).
+
+    ``q``: ``(ROWS, BLOCK_D)``, padded rows and dims zero; ``k_base``/``v_base``: one (image, head)'s keys and
+    values. Returns the output ``(ROWS, BLOCK_D)`` float32 and each row's base-2 logsumexp ``(ROWS,)``, the
+    statistic the backward recomputes the probabilities from. Shared with the query-attention kernel.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    top = tl.full((ROWS,), float("-inf"), tl.float32)
+    total = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+    for start in range(0, Nk, BLOCK_N):
+        keys = start + cols
+        key_ok = keys < Nk
+        kt = tl.load(k_base + keys[None, :] * sk_n + dims[:, None] * sk_d,
+                     mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
+        # Logits in base 2 (qk_scale = scale·log2 e) so the softmax uses exp2, the hardware's native exp.
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        new_top = tl.maximum(top, tl.max(s, axis=1))  # finite: every block holds at least one real key
+        alpha = tl.exp2(top - new_top)  # rescales what earlier blocks accumulated to the new maximum
+        p = tl.exp2(s - new_top[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + keys[:, None] * sv_n + dims[None, :] * sv_d,
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        top = new_top
+    return acc / total[:, None], top + tl.log2(total)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      so_b, so_h, so_n, so_d, H, Nq, Nk, Dh, qk_scale,
@@ -43,37 +75,16 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Nq
     dim_ok = dims < Dh
-
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dims[None, :] * sq_d,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
-    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    total = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, Nk, BLOCK_N):
-        keys = start + cols
-        key_ok = keys < Nk
-        kt = tl.load(k_base + keys[None, :] * sk_n + dims[:, None] * sk_d,
-                     mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # base-2 logits
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        new_top = tl.maximum(top, tl.max(s, axis=1))  # finite: every block has a valid key
-        alpha = tl.exp2(top - new_top)
-        p = tl.exp2(s - new_top[:, None])
-        total = total * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + keys[:, None] * sv_n + dims[None, :] * sv_d,
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        top = new_top
-    out = acc / total[:, None]
+    out, lse = attend_all_keys(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, sk_n, sk_d, sv_n, sv_d,
+                               Nk, qk_scale, dims, dim_ok, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * Nq + rows, top + tl.log2(total), mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Nq + rows, lse, mask=row_ok)
 
 
 @triton.jit

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .attention import attend_all_keys
 
 _LOG2E = math.log2(math.e)
 MAX_QUERIES = 128  # declared in the backend's SUPPORTS (with attention's head dim limit): one tile of queries
@@ -47,38 +48,17 @@ def _qattn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Tq
     dim_ok = dims < Dh
     # Every query of this head, loaded once; padded rows and dims are zeros and never stored.
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :] * sq_d,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
-    top = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    total = tl.zeros((BLOCK_T,), tl.float32)
-    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    for start in range(0, Nk, BLOCK_N):
-        keys = start + cols
-        key_ok = keys < Nk
-        kt = tl.load(k_base + keys[None, :] * sk_n + dims[:, None] * sk_d,
-                     mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
-        # Logits in base 2 (qk_scale = scale·log2 e) so the softmax uses exp2, the hardware's native exp.
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        new_top = tl.maximum(top, tl.max(s, axis=1))  # finite: every block holds at least one real key
-        alpha = tl.exp2(top - new_top)  # rescales what earlier blocks accumulated to the new maximum
-        p = tl.exp2(s - new_top[:, None])
-        total = total * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + keys[:, None] * sv_n + dims[None, :] * sv_d,
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        top = new_top
-    out = acc / total[:, None]
+    out, lse = attend_all_keys(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, sk_n, sk_d, sv_n, sv_d,
+                               Nk, qk_scale, dims, dim_ok, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
     tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * Tq + rows, top + tl.log2(total), mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Tq + rows, lse, mask=row_ok)
 
 
 @triton.jit
