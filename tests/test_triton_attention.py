@@ -91,8 +91,10 @@ def test_bad_inputs_raise_before_any_backend_runs(triton_forced):
         ops.attention(q, q, q.half())
     with pytest.raises(ValueError, match="k"):
         ops.attention(q, q[:, :1], q)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="at least one query, key and channel"):
         ops.attention(q, q[:, :, :0], q[:, :, :0])
+    with pytest.raises(ValueError, match="^scale:"):
+        ops.attention(q, q, q, scale=-1.0)
 
 
 @requires_gpu

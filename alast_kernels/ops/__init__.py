@@ -111,19 +111,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     ``Dh ** -0.5``. With ``return_cls`` also returns float32 ``(B, Nk)``: the head mean of query 0's
     probability row, without gradient.
     """
-    _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        _checks.tensor(name, t, ndim=4, device=q.device)
-        _checks.same_dtype(name, t, "q", q)
-    B, H, Nq, Dh = q.shape
-    _checks.shape("k", k, (B, H, k.shape[2], Dh))
-    _checks.shape("v", v, (B, H, k.shape[2], Dh))
-    if Nq == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k: expected at least one token, got Nq={Nq}, Nk={k.shape[2]}")
-    if scale is None:
-        scale = Dh ** -0.5
+    scale = _checks.attention_inputs(q, k, v, scale)
+    Dh = q.shape[3]
     impl = _backend.implementation("attention", q.device, q.dtype, head_dim=int(Dh))
-    return impl(q, k, v, float(scale), bool(return_cls))
+    return impl(q, k, v, scale, bool(return_cls))
 
 
 def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],

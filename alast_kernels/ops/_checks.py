@@ -1,6 +1,7 @@
 """Argument checks shared by every backend: each failure names the argument and what was expected."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -43,6 +44,25 @@ def param_dtype(name: str, p: torch.Tensor, x_name: str, x: torch.Tensor, *, flo
 def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> float:
+    """Checks ``q (B, H, Nq, Dh)``, ``k``/``v (B, H, Nk, Dh)`` (same dtype and device, at least one query, key
+    and channel) and ``scale`` (a finite number > 0, or ``None`` for ``Dh ** -0.5``); returns the scale."""
+    tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        tensor(name, t, ndim=4, device=q.device)
+        same_dtype(name, t, "q", q)
+    B, H, Nq, Dh = q.shape
+    shape("k", k, (B, H, k.shape[2], Dh))
+    shape("v", v, tuple(k.shape))
+    if Nq == 0 or k.shape[2] == 0 or Dh == 0:
+        raise ValueError(f"q, k: expected at least one query, key and channel, got Nq={Nq}, Nk={k.shape[2]}, Dh={Dh}")
+    if scale is None:
+        return Dh ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a finite number > 0 or None, got {scale!r}")
+    return float(scale)
 
 
 def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, unique: bool, values: bool = True) -> None:

@@ -5,7 +5,6 @@ arguments are checked here, for every backend, before the chosen implementation 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -23,19 +22,7 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     input that requires grad: to the queries only when k and v are constants (a frozen backbone's keys
     and values), to all three, correctly, otherwise.
     """
-    _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        _checks.tensor(name, t, ndim=4, device=q.device)
-        _checks.same_dtype(name, t, "q", q)
-    B, H, Tq, Dh = q.shape
-    _checks.shape("k", k, (B, H, k.shape[2], Dh))
-    _checks.shape("v", v, tuple(k.shape))
-    if Tq == 0 or k.shape[2] == 0 or Dh == 0:
-        raise ValueError(f"q, k: expected at least one query, key and channel, got Tq={Tq}, Nk={k.shape[2]}, "
-                         f"Dh={Dh}")
-    if scale is None:
-        scale = Dh ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a finite number > 0 or None, got {scale!r}")
+    scale = _checks.attention_inputs(q, k, v, scale)
+    Tq, Dh = q.shape[2], q.shape[3]
     impl = _backend.implementation("query_attention", q.device, q.dtype, head_dim=int(Dh), queries=int(Tq))
-    return impl(q, k, v, float(scale))
+    return impl(q, k, v, scale)
