@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="blocks trained per step (default: ceil(0.75 * depth))")
     alast.add_argument("--min-keep", type=_fraction("min_keep"), default=0.2,
                        help="lowest keep ratio of a block, at most --token-budget")
+    alast.add_argument("--sample", action="store_true",
+                       help="policy 'alast': draw the trained blocks with probability proportional to their "
+                            "budgets (seeded) instead of taking the highest budgets")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=os.path.join("runs", "finetune"), help="output directory")
     out.add_argument("--probes", type=_positive, default=5, help="measured steps per run (FLOPs and memory)")
@@ -249,6 +252,8 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
         return {}
     options = {"token_budget": args.token_budget, "train_layers": args.train_layers, "policy": args.policy,
                "min_keep": args.min_keep, "seed": seed}
+    if args.sample:
+        options["sample"] = True
     if args.policy == "fixed":
         trained = args.train_layers or math.ceil(0.75 * depth)
         options.update(keep_ratios=[args.token_budget] * depth, train=[l >= depth - trained for l in range(depth)])

@@ -210,6 +210,13 @@ def test_other_policies(tmp_path, cache_dir, policy):
         assert all(sum(h["train"]) == 2 for h in alast["history"])
 
 
+def test_sample_draws_the_trained_blocks():
+    """--sample reaches ALaST: the trained blocks are drawn in proportion to the budgets, not the top ones."""
+    args = finetune.parse_args(TINY + ["--sample"])
+    assert finetune.method_options("alast", args, depth=6, seed=3, steps=10)["sample"] is True
+    assert "sample" not in finetune.method_options("alast", finetune.parse_args(TINY), depth=6, seed=3, steps=10)
+
+
 def _write_image_folder(root, classes, per_class, seed=0):
     from PIL import Image
     g = torch.Generator().manual_seed(seed)
