@@ -38,8 +38,9 @@ def attend_all_keys(q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, Nk, qk_scale, dim
     """Softmax attention of a tile of queries over all ``Nk`` keys, in one pass (online softmax).
 
     ``q``: ``(ROWS, BLOCK_D)``, padded rows and dims zero; ``k_base``/``v_base``: one (image, head)'s keys and
-    values. Returns the output ``(ROWS, BLOCK_D)`` float32 and each row's base-2 logsumexp ``(ROWS,)``, the
-    statistic the backward recomputes the probabilities from. Shared with the query-attention kernel.
+    values. Returns the unnormalised output ``acc`` ``(ROWS, BLOCK_D)`` float32, each row's running maximum
+    ``top`` and sum ``total``: the output is ``acc / total``, the base-2 logsumexp (what the backward
+    recomputes the probabilities from) ``top + log2(total)``. Shared with the query-attention kernel.
     """
     cols = tl.arange(0, BLOCK_N)
     top = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -61,7 +62,7 @@ def attend_all_keys(q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, Nk, qk_scale, dim
                     mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         top = new_top
-    return acc / total[:, None], top + tl.log2(total)
+    return acc, top, total
 
 
 @triton.jit
@@ -80,11 +81,12 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     dim_ok = dims < Dh
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dims[None, :] * sq_d,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    out, lse = attend_all_keys(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, sk_n, sk_d, sv_n, sv_d,
-                               Nk, qk_scale, dims, dim_ok, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    acc, top, total = attend_all_keys(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, sk_n, sk_d,
+                                      sv_n, sv_d, Nk, qk_scale, dims, dim_ok, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    out = acc / total[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * Nq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Nq + rows, top + tl.log2(total), mask=row_ok)
 
 
 @triton.jit

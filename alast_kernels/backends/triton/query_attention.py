@@ -54,11 +54,12 @@ def _qattn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     # Every query of this head, loaded once; padded rows and dims are zeros and never stored.
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :] * sq_d,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    out, lse = attend_all_keys(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, sk_n, sk_d, sv_n, sv_d,
-                               Nk, qk_scale, dims, dim_ok, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
+    acc, top, total = attend_all_keys(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, sk_n, sk_d,
+                                      sv_n, sv_d, Nk, qk_scale, dims, dim_ok, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION)
+    out = acc / total[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * Tq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * Tq + rows, top + tl.log2(total), mask=row_ok)
 
 
 @triton.jit
