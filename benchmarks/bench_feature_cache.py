@@ -21,6 +21,7 @@ import alast_kernels as ak
 from alast_kernels.feature_cache import format_bytes
 
 from record import write_results
+from smoke import one_thread_for_the_smoke  # noqa: F401  (a fixture, used through pytestmark)
 
 MODEL, OPTIONS, CLASSES, BATCH = "vit_tiny_patch16_224", {"img_size": 48, "patch_size": 8, "depth": 6}, 5, 32
 METHODS = ("losa", "synqt")

@@ -26,6 +26,7 @@ import alast_kernels as ak
 from alast_kernels.measure import count_flops, median_seconds, saved_activation_bytes
 
 from record import write_results
+from smoke import one_thread_for_the_smoke  # noqa: F401  (a fixture, used through pytestmark)
 
 CONFIGS = {
     "vit_small": {"model": "vit_small_patch16_224", "options": {}, "batch": 16},

@@ -1,4 +1,4 @@
-"""Fixtures shared by the benchmarks."""
+"""A fixture the benchmarks share (imported by name: a `benchmarks/conftest.py` would shadow `tests/conftest.py`)."""
 from __future__ import annotations
 
 import pytest
