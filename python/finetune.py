@@ -177,6 +177,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.methods = [n for n in names if n in available]
         if not args.methods:
             parser.error("--methods: expected at least one method")
+    if args.sample and args.policy != "alast":
+        parser.error(f"--sample: only with --policy alast ('paper' always samples, 'fixed' trains the blocks it is "
+                     f"given), got --policy {args.policy}")
     if args.policy == "alast" and args.min_keep > args.token_budget:
         parser.error(f"--min-keep: expected at most --token-budget={args.token_budget}, got {args.min_keep}")
     if args.data is not None and not os.path.isdir(args.data):

@@ -253,6 +253,7 @@ def test_image_folder_data(tmp_path, cache_dir, layout):
     (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
     (["--batch-size", "x"], "argument --batch-size: expected a positive integer, got 'x'"),
     (["--policy", "magic"], "--policy: invalid choice: 'magic'"),
+    (["--policy", "fixed", "--sample"], "--sample: only with --policy alast"),
     (["--token-budget", "0.3", "--min-keep", "0.4"], "--min-keep: expected at most --token-budget=0.3"),
     (["--data", "/no/such/dir"], "--data: expected a directory"),
     (["--checkpoint", "/no/such/file.pt"], "--checkpoint: no such file"),
