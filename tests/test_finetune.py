@@ -210,11 +210,14 @@ def test_other_policies(tmp_path, cache_dir, policy):
         assert all(sum(h["train"]) == 2 for h in alast["history"])
 
 
-def test_sample_draws_the_trained_blocks():
-    """--sample reaches ALaST: the trained blocks are drawn in proportion to the budgets, not the top ones."""
-    args = finetune.parse_args(TINY + ["--sample"])
-    assert finetune.method_options("alast", args, depth=6, seed=3, steps=10)["sample"] is True
-    assert "sample" not in finetune.method_options("alast", finetune.parse_args(TINY), depth=6, seed=3, steps=10)
+def test_sample_reaches_the_controller():
+    """--sample makes the job's ALaST controller draw its trained blocks; without it the highest budgets train."""
+    import timm
+    import alast_kernels as ak
+    for argv, sample in ((TINY + ["--sample"], True), (TINY, False)):
+        options = finetune.method_options("alast", finetune.parse_args(argv), depth=2, seed=3, steps=10)
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)
+        assert ak.methods.create("alast", vit, **options).controller.sample is sample
 
 
 def _write_image_folder(root, classes, per_class, seed=0):
