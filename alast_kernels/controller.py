@@ -70,9 +70,11 @@ class ALaST:
         sample: draw the trained blocks with probability ∝ budget instead of taking the highest
             (``"paper"`` always samples).
         seed: seed of the sampling generator.
-        train_embeddings: whether the patch/position embeddings and prefix tokens train. When they do
-            not (the default) they and every block below the lowest trained one run with no autograd
-            graph. The final norm and the head always train.
+        train_embeddings: whether the patch/position embeddings and prefix tokens train. ``None`` (the
+            default): they do when any of them requires grad at construction, as in full fine-tuning, and
+            do not when they are frozen (as peft LoRA leaves them). When they do not, they and every block
+            below the lowest trained one run with no autograd graph. The final norm and the head always
+            train.
         keep_ratios, train: the per-block keep ratios and trained flags of the ``"fixed"`` policy.
         process_group: the ranks that must agree on every plan when ``torch.distributed`` is initialised
             (default: the world). Their block importances are averaged before each budget update and
@@ -81,7 +83,7 @@ class ALaST:
 
     def __init__(self, model: nn.Module, token_budget: float = 0.6, train_layers: Optional[int] = None,
                  policy: str = "alast", alpha: float = 0.1, min_keep: float = 0.2, sample: bool = False,
-                 seed: int = 0, train_embeddings: bool = False, keep_ratios: Optional[Sequence[float]] = None,
+                 seed: int = 0, train_embeddings: Optional[bool] = None, keep_ratios: Optional[Sequence[float]] = None,
                  train: Optional[Sequence[bool]] = None, process_group=None):
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
@@ -105,7 +107,13 @@ class ALaST:
         self.train_layers = train_layers
         self.sample = bool(sample) or policy == "paper"
         self.seed = int(seed)
-        self.train_embeddings = bool(train_embeddings)
+        if train_embeddings is None:
+            # As the model stands: embeddings left trainable train, as in full fine-tuning; frozen ones (peft
+            # LoRA freezes them) stay frozen and cost no autograd graph.
+            train_embeddings = any(p.requires_grad for p in embedding_parameters(vit))
+        elif not isinstance(train_embeddings, bool):
+            raise ValueError(f"train_embeddings: expected True, False or None, got {train_embeddings!r}")
+        self.train_embeddings = train_embeddings
         if policy == "fixed":
             if keep_ratios is None or train is None:
                 raise ValueError("keep_ratios, train: the 'fixed' policy needs both, one entry per block")

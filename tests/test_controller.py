@@ -126,7 +126,7 @@ def test_sample_layers_seeded_and_proportional():
 # --------------------------------------------------------------------------- policies via controller
 def test_alast_policy_through_the_controller():
     model = tiny()
-    ctrl = ALaST(model, token_budget=0.5, train_layers=2, alpha=0.3, min_keep=0.2)
+    ctrl = ALaST(model, token_budget=0.5, train_layers=2, alpha=0.3, min_keep=0.2, train_embeddings=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     budgets = [1.0] * L
     plans, _ = train(model, ctrl, opt, batches(4))
@@ -233,7 +233,8 @@ def test_frozen_parameters_get_no_grad_and_do_not_move():
     # which the step must clear (a zero gradient would still apply AdamW's momentum and weight decay).
     opt.zero_grad(set_to_none=False)
     assert all(p.grad is not None for p in model.parameters())
-    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, True, False, True])
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, True, False, True],
+                 train_embeddings=False)
     frozen = embedding_parameters(model) + list(model.blocks[0].parameters()) + list(model.blocks[2].parameters())
     trained = list(model.blocks[1].parameters()) + list(model.blocks[3].parameters()) + \
         list(model.norm.parameters()) + list(model.head.parameters())
@@ -264,7 +265,8 @@ def _graph_probe(model):
 
 def test_blocks_below_the_lowest_trained_one_and_frozen_embeddings_run_without_graph():
     model = tiny()
-    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, False, True, False])
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, False, True, False],
+                 train_embeddings=False)
     model.pos_embed.requires_grad_(False)  # the user's own choice, kept
     seen = _graph_probe(model)
     (x, y), = batches(1)
@@ -291,6 +293,34 @@ def test_trained_embeddings_keep_the_graph_through_frozen_blocks():
     assert seen["patch_embed"][1] and seen[0] == (True, True) and seen[1] == (True, True)
     assert all(p.grad is not None for p in embedding_parameters(model))
     assert all(p.grad is None for i in (0, 1) for p in model.blocks[i].parameters())
+
+
+def test_embeddings_train_by_default_when_they_require_grad():
+    # As in full fine-tuning: trainable embeddings get gradients and keep the graph through frozen blocks.
+    model = tiny()
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, False, True, True])
+    assert ctrl.train_embeddings and ctrl.plan().grad_input == [True] * L
+    seen = _graph_probe(model)
+    (x, y), = batches(1)
+    with ctrl.step():
+        F.cross_entropy(model(x), y).backward()
+    assert seen["patch_embed"][1] and seen[0] == (True, True)
+    assert all(p.grad is not None for p in embedding_parameters(model))
+
+
+def test_embeddings_frozen_before_the_controller_stay_frozen_by_default():
+    # peft LoRA leaves the embeddings without requires_grad: no graph below the lowest trained block.
+    model = tiny()
+    for p in embedding_parameters(model):
+        p.requires_grad_(False)
+    ctrl = ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=[False, False, True, True])
+    assert not ctrl.train_embeddings and ctrl.plan().grad_input == [False, False, False, True]
+    assert ctrl.state_dict()["train_embeddings"] is False
+
+
+def test_train_embeddings_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="train_embeddings: expected True, False or None, got 1"):
+        ALaST(tiny(), train_embeddings=1)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -199,3 +199,21 @@ def test_alast_lora_method_and_lora_method():
         with method.step():
             F.cross_entropy(method.model(x), y).backward()
         assert all(p.grad is None for p in method.model.parameters() if not p.requires_grad)
+
+
+def test_alast_trains_the_embeddings_and_alast_lora_leaves_them_to_peft():
+    """``alast`` trains what full fine-tuning trains, embeddings included; under ``alast+lora`` peft has frozen
+    them, so they stay frozen and nothing below the lowest trained block keeps a graph."""
+    from alast_kernels import methods
+    from alast_kernels.vit import embedding_parameters
+
+    x, y = batch()
+    plain = methods.create("alast", tiny())
+    adapted = methods.create("alast+lora", tiny())
+    assert plain.controller.train_embeddings and not adapted.controller.train_embeddings
+    for method in (plain, adapted):
+        method.model.train()
+        with method.step():
+            F.cross_entropy(method.model(x), y).backward()
+    assert all(p.grad is not None for p in embedding_parameters(plain.vit))
+    assert all(p.grad is None and not p.requires_grad for p in embedding_parameters(adapted.vit))

@@ -19,8 +19,8 @@ class ALaSTMethod(Method):
 
     def __init__(self, model: nn.Module, token_budget: float = 0.6, train_layers: Optional[int] = None,
                  policy: str = "alast", alpha: float = 0.1, min_keep: float = 0.2, sample: bool = False,
-                 seed: int = 0, train_embeddings: bool = False, keep_ratios: Optional[Sequence[float]] = None,
-                 train: Optional[Sequence[bool]] = None):
+                 seed: int = 0, train_embeddings: Optional[bool] = None,
+                 keep_ratios: Optional[Sequence[float]] = None, train: Optional[Sequence[bool]] = None):
         super().__init__(model)
         if self.name == "alast":
             set_trainable(self.model, self.model.parameters())
