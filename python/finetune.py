@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     alast.add_argument("--sample", action="store_true",
                        help="policy 'alast': draw the trained blocks with probability proportional to their "
                             "budgets (seeded) instead of taking the highest budgets")
+    alast.add_argument("--freeze-embeddings", action="store_true",
+                       help="method alast: keep the patch/position embeddings and class token frozen (blocks below "
+                            "the lowest trained one then run without a graph); by default they train, as in full "
+                            "fine-tuning")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=os.path.join("runs", "finetune"), help="output directory")
     out.add_argument("--probes", type=_positive, default=5, help="measured steps per run (FLOPs and memory)")
@@ -257,6 +261,8 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
                "min_keep": args.min_keep, "seed": seed}
     if args.sample:
         options["sample"] = True
+    if args.freeze_embeddings:
+        options["train_embeddings"] = False
     if args.policy == "fixed":
         trained = args.train_layers or math.ceil(0.75 * depth)
         options.update(keep_ratios=[args.token_budget] * depth, train=[l >= depth - trained for l in range(depth)])

@@ -220,6 +220,18 @@ def test_sample_reaches_the_controller():
         assert ak.methods.create("alast", vit, **options).controller.sample is sample
 
 
+def test_freeze_embeddings_reaches_the_controller():
+    """By default the job's ALaST trains the embeddings, as full fine-tuning does; --freeze-embeddings freezes
+    them. Under alast+lora peft has frozen them either way."""
+    import timm
+    import alast_kernels as ak
+    for name, argv, trained in (("alast", TINY, True), ("alast", TINY + ["--freeze-embeddings"], False),
+                                ("alast+lora", TINY, False)):
+        options = finetune.method_options(name, finetune.parse_args(argv), depth=2, seed=3, steps=10)
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)
+        assert ak.methods.create(name, vit, **options).controller.train_embeddings is trained, (name, argv)
+
+
 def _write_image_folder(root, classes, per_class, seed=0):
     from PIL import Image
     g = torch.Generator().manual_seed(seed)
