@@ -113,6 +113,10 @@ class ALaST:
             train_embeddings = any(p.requires_grad for p in embedding_parameters(vit))
         elif not isinstance(train_embeddings, bool):
             raise ValueError(f"train_embeddings: expected True, False or None, got {train_embeddings!r}")
+        elif train_embeddings and not any(p.requires_grad for p in embedding_parameters(vit)):
+            # Every block would pass gradients down to embeddings that never take one.
+            raise ValueError("train_embeddings=True: no embedding parameter requires grad (frozen, e.g. by peft); "
+                             "unfreeze them or pass None or False")
         self.train_embeddings = train_embeddings
         if policy == "fixed":
             if keep_ratios is None or train is None:

@@ -51,6 +51,7 @@ def main():
     p.add_argument("--no-agreement", action="store_true")
     p.add_argument("--sgd", action="store_true", help="SGD with momentum instead of AdamW")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the model)")
+    p.add_argument("--freeze-embeddings", action="store_true", help="train_embeddings=False (they train by default)")
     args = p.parse_args()
 
     dist.init_process_group("gloo")
@@ -69,6 +70,8 @@ def main():
         ddp = DDP(model, find_unused_parameters=True)
     options = {"policy": args.policy, "sample": args.sample, "token_budget": 0.5, "train_layers": 2,
                "alpha": 0.5, "seed": rank if args.seed_per_rank else 0}
+    if args.freeze_embeddings:
+        options["train_embeddings"] = False
     if args.policy == "fixed":
         options = {"policy": "fixed", "keep_ratios": [1.0] * L, "train": [True] * L, "train_embeddings": True}
     if args.no_agreement:

@@ -321,6 +321,11 @@ def test_embeddings_frozen_before_the_controller_stay_frozen_by_default():
 def test_train_embeddings_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="train_embeddings: expected True, False or None, got 1"):
         ALaST(tiny(), train_embeddings=1)
+    model = tiny()
+    for p in embedding_parameters(model):
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="train_embeddings=True: no embedding parameter requires grad"):
+        ALaST(model, train_embeddings=True)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

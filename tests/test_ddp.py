@@ -33,9 +33,9 @@ def run_ranks(tmp_path, *args, world=2):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("policy,extra", [("alast", []), ("alast", ["--sample"]), ("paper", []),
+@pytest.mark.parametrize("policy,extra", [("alast", []), ("alast", ["--sample"]), ("paper", ["--freeze-embeddings"]),
                                           ("alast", ["--sample", "--fsdp"])],
-                         ids=["alast", "alast-sampled", "paper", "fsdp2-alast-sampled"])
+                         ids=["alast", "alast-sampled", "paper-frozen-embeddings", "fsdp2-alast-sampled"])
 def test_every_rank_makes_the_same_plan_and_frozen_blocks_do_not_move(tmp_path, policy, extra):
     r0, r1 = run_ranks(tmp_path, "--policy", policy, "--seed-per-rank", *extra)
     assert len(r0["plans"]) == 20
