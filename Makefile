@@ -40,13 +40,13 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 # Static GPU resource report (registers, spills, shared memory, H100 occupancy of every kernel), no GPU
-# needed: benchmarks/results/gpu_resources.json and the README's table. Needs nvcc.
+# needed: benchmarks/results/gpu_resources.json and docs/gpu-resources.md's table. Needs nvcc.
 gpu-resources: $(STAMP)
 	$(PY) benchmarks/gpu_resources.py
 
-# The README's backend table, from the backends' declared capabilities.
+# docs/ops.md's backend table, from the backends' declared capabilities.
 backend-table: $(STAMP)
-	$(PY) -c "import alast_kernels.info as info; info.write_readme_table('README.md')"
+	$(PY) -c "import alast_kernels.info as info; info.write_readme_table('docs/ops.md')"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

@@ -243,11 +243,12 @@ def test_a_backend_that_fails_to_import_is_skipped_with_its_reason(monkeypatch):
     assert "triton: could not be loaded (ImportError: no module named triton)" in message
 
 
-# ------------------------------------------------------------------------------------------ the README table
-def test_readme_backend_table_is_generated_from_the_declarations():
-    """README, "Ops and backends": regenerate with ``make backend-table`` when a declaration changes."""
+# ----------------------------------------------------------------------------------- the docs' backend table
+def test_docs_backend_table_is_generated_from_the_declarations():
+    """docs/ops.md, "Which backend runs each op": regenerate with ``make backend-table`` when a declaration
+    changes."""
     from alast_kernels import info
-    assert info.readme_table((ROOT / "README.md").read_text()) == info.markdown_table()
+    assert info.readme_table((ROOT / "docs" / "ops.md").read_text()) == info.markdown_table()
 
 
 def test_info_prints_build_availability_with_reasons_and_the_table():

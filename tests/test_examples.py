@@ -1,4 +1,4 @@
-"""The README's "Using it with" snippets: each is a file in examples/, shown verbatim in the README, and runs."""
+"""The "Using it with" snippets of docs/usage.md: each is a file in examples/, shown verbatim there, and runs."""
 import os
 import re
 import subprocess
@@ -17,16 +17,16 @@ EXPECTED = {
 }
 
 
-def _readme_blocks():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def _usage_blocks():
+    with open(os.path.join(ROOT, "docs", "usage.md")) as f:
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_is_in_the_readme_verbatim(name):
+def test_example_is_in_the_usage_page_verbatim(name):
     with open(os.path.join(ROOT, "examples", name)) as f:
         code = f.read()
-    assert code in _readme_blocks(), f"README.md does not show examples/{name} as it is"
+    assert code in _usage_blocks(), f"docs/usage.md does not show examples/{name} as it is"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
