@@ -32,7 +32,7 @@ BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
 # `auto` tries these in order for tensors on a CUDA device; per-op entries override the default.
-# The order records which backend measured faster for each op (README, "Ops and backends").
+# The order records which backend measured faster for each op (docs/backends.md, "Dispatch").
 AUTO_ORDER_CUDA: Dict[str, Tuple[str, ...]] = {}
 _DEFAULT_CUDA_ORDER: Tuple[str, ...] = ("cuda", "triton", "reference")
 

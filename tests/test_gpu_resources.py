@@ -1,7 +1,7 @@
 """The static GPU resource report (benchmarks/gpu_resources.py, ``make gpu-resources``): the occupancy
 formula against hand-derived cases, the ptxas parsing, and the committed report — every kernel in it,
 zero spills, memory-bound kernels at ≥ 50% occupancy or their miss named with its cause, the same launch
-configurations the launchers choose now, and the README's table equal to it."""
+configurations the launchers choose now, and docs/gpu-resources.md's table equal to it."""
 import json
 import os
 import re
@@ -75,7 +75,7 @@ def test_report_covers_every_kernel_with_zero_spills_and_memory_bound_kernels_at
             "occupancy"])
 
 
-def test_committed_report_has_the_launchers_current_configurations_and_the_readme_its_table():
+def test_committed_report_has_the_launchers_current_configurations_and_the_docs_its_table():
     """A launcher whose block size or warps changed, or a new kernel, makes the report stale: regenerate it
     with ``make gpu-resources`` (needs nvcc)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -3,8 +3,8 @@ tokens, D=768 channels, 12 heads of 64, 99 kept tokens, a 3072-wide MLP, 138 tok
 queries over all tokens — with the launchers' real block
 sizes and tiles for these widths (masks, loops over channel blocks, per-program partial sums; the attention
 kernels with their GPU tiles, not the interpreter's small ones) rather than the tiny shapes of the other triton tests.
-Without a GPU they run under the interpreter (float32); marked ``vitb`` (``pytest -m vitb``; README,
-"Tests", says how long they take).
+Without a GPU they run under the interpreter (float32); marked ``vitb`` (``pytest -m vitb``; docs/test-suite.md
+says how long they take).
 """
 import importlib
 

@@ -30,8 +30,8 @@ def row_block(n: int) -> int:
 
 def num_warps(tile_elements: int, per_thread: int) -> int:
     """Warps for a program whose tile has ``tile_elements`` and whose threads should each hold at most
-    ``per_thread`` of them: few enough registers per thread for ≥ 50% occupancy on an H100 (the README's GPU
-    resource table is measured from these settings). A power of two in [4, 16]."""
+    ``per_thread`` of them: few enough registers per thread for ≥ 50% occupancy on an H100
+    (docs/gpu-resources.md's table is measured from these settings). A power of two in [4, 16]."""
     return max(4, min(16, triton.next_power_of_2(max(1, tile_elements // (32 * per_thread)))))
 
 

@@ -213,7 +213,7 @@ def _settings(Dh: int, dtype: torch.dtype):
         # float32 tiles take twice the shared memory: 32 keeps head dim 128 under 100 KB (sm_80 and up).
         block = 32 if dtype == torch.float32 else 64
     # 8 warps: with 4, the 64-wide tiles of the backward kernels need 255 registers and spill on sm_80, and
-    # the float32 forward spills on sm_90 (README, "GPU resources").
+    # the float32 forward spills on sm_90 (docs/gpu-resources.md).
     warps = 8
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return block, block_d, warps, ("tf32" if tf32 else "ieee")

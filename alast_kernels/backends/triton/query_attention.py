@@ -121,7 +121,7 @@ def _settings(Tq: int, Dh: int, dtype: torch.dtype, backward: bool = False):
     else:
         # float32 key/value tiles take twice the shared memory of 16-bit ones. The backward keeps more
         # tiles live (dq, and dk/dv when they are needed): half the keys per block, so that 8 warps hold
-        # them in registers at 50% occupancy on an H100 (README, "GPU resources").
+        # them in registers at 50% occupancy on an H100 (docs/gpu-resources.md).
         block_n = (32 if dtype == torch.float32 else 64) // (2 if backward else 1)
     warps = 8
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
