@@ -424,6 +424,8 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         dist.barrier()  # rank 0 has checked (and maybe created) --out before the others read it
         if not main_rank:
             out = JobOutput(args.out, settings, args.resume, validate=False)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    done = out.finished([(name, seed) for seed in seeds for name in args.methods]) if args.resume else {}
 
     train_set, test_set, classes, data_text = load_data(args)
     torch.manual_seed(args.seed)
@@ -451,8 +453,6 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         f"(backbone) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
         + (f"seeds {args.seed}..{args.seed + args.seeds - 1}" if args.seeds > 1 else f"seed {args.seed}"), flush=True)
 
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    done = out.finished([(name, seed) for seed in seeds for name in args.methods]) if args.resume else {}
     if args.resume:
         say(f"resumed:  {len(done)} of {len(seeds) * len(args.methods)} runs already in {out.runs_dir}, kept")
     equal_time = args.equal_time and "full" in args.methods
@@ -508,7 +508,7 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         "args": vars(args),
         "data": {"text": data_text, "classes": classes, "train_size": len(train_set), "test_size": len(test_set),
                  "num_patches": num_patches},
-        "start_weights": weights, "methods": args.methods, "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "start_weights": weights, "methods": args.methods, "seeds": seeds,
         "runs": runs, "summary": summary, "feature_cache": cache,
     }
     if "full" in summary:
