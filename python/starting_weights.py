@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import alast_kernels as ak
 from digits_canvas import digit_tasks
+from report import atomic_path
 from training import evaluate, train
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alast_kernels")
@@ -146,9 +147,8 @@ def starting_weights(args, model: torch.nn.Module, device: torch.device, show: b
                         f"{100 * float(saved['accuracy']):.1f}%)"}
     made = pretrain(args, device, show)
     os.makedirs(args.cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"state_dict": made["state_dict"], "accuracy": torch.tensor(made["accuracy"])}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # another job reading the cache meanwhile sees no half-written file
+        torch.save({"state_dict": made["state_dict"], "accuracy": torch.tensor(made["accuracy"])}, tmp)
     load_backbone(model, made["state_dict"], "the job's pretraining")
     return {"source": "trained_now", "path": path, "pretrain_accuracy": made["accuracy"],
             "pretrain_seconds": made["train_seconds"],

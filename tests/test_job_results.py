@@ -200,7 +200,8 @@ def test_resume_refuses_other_starting_weights(tmp_path, finished_job, cache_dir
     monkeypatch.setattr(finetune, "fine_tune", CountingFineTune(out))
     with pytest.raises(SystemExit) as info:
         finetune.main(JOB + ["--out", str(out), "--cache-dir", str(other_cache), "--resume"])
-    assert str(info.value.code).startswith(f"--resume: the starting weights differ from those of the job in --out {out}")
+    message = str(info.value.code)
+    assert message.startswith(f"--resume: the starting weights differ from those of the job in --out {out}")
     assert finetune.fine_tune.calls == 0
 
 
