@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*)
 	$(PIP) install -q -c constraints-dev.txt --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# Each demo writes into a new folder: the job refuses to mix its results with an earlier job's.
 demo: $(STAMP)
-	$(PY) python/finetune.py
+	$(PY) python/finetune.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # The tolerance-marked tests first run on two more arithmetic paths of PyTorch's CPU kernels (AVX2 and the
 # scalar fallback, two threads): their rounding differs from the machine's own (docs/testing.md).

@@ -393,6 +393,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             dist.destroy_process_group()
 
 
+def _from_rank0(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (DDP ranks must run the same number of steps, or they hang); the
+    tensor is on the ranks' device, as nccl needs."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def load_data(args):
     if args.data:
         train_set, test_set, classes = load_image_folder(args.data, args.img_size, args.seed)
@@ -476,6 +484,8 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
                                          "train_seconds": run["train_seconds"]}
                 elif equal_time:
                     steps = max(1, round(args.steps * runs["full"][-1]["train_seconds"] / run["train_seconds"]))
+                    if world > 1:  # wall times differ between ranks: every rank must train rank 0's count
+                        steps = _from_rank0(steps, device)
                     again = fine_tune(name, head_start, train_set, test_set, args, device, seed, steps, show, 0,
                                       rank, world)
                     run["equal_time"] = {"steps": steps, "accuracy": again["accuracy"],

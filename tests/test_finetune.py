@@ -375,19 +375,21 @@ def test_errors_found_after_parsing(tmp_path, cache_dir, monkeypatch):
 
 @pytest.mark.distributed
 def test_the_job_runs_under_torchrun(tmp_path, cache_dir):
-    """Two ranks share every batch (DDP, gloo); rank 0 pretrains, prints and writes the results."""
+    """Two ranks share every batch (DDP, gloo); rank 0 pretrains, prints and writes the results. With
+    --equal-time every rank trains rank 0's step count (each rank's own wall time could differ: a hang)."""
     import subprocess
     import sys
     out = tmp_path / "out"
     script = os.path.join(os.path.dirname(finetune.__file__), "finetune.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *TINY,
-           "--methods", "full,alast", "--out", str(out), "--cache-dir", cache_dir]
+           "--methods", "full,alast", "--equal-time", "--out", str(out), "--cache-dir", cache_dir]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((out / "results.json").read_text())
     assert saved["world_size"] == 2 and set(saved["runs"]) == {"full", "alast"}
     assert len(saved["runs"]["alast"][0]["history"]) == 4
+    assert saved["runs"]["alast"][0]["equal_time"]["steps"] >= 1
 
 
 def test_feature_cache_measurement(tmp_path, cache_dir, capsys):
