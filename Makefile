@@ -25,10 +25,18 @@ $(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*)
 	$(PIP) install -q -c constraints-dev.txt --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# Each demo writes into a new folder: the job refuses to mix its results with an earlier job's.
 demo: $(STAMP)
-	$(PY) python/finetune.py
+	$(PY) python/finetune.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+# The tolerance-marked tests first run on two more arithmetic paths of PyTorch's CPU kernels (AVX2 and the
+# scalar fallback, two threads): their rounding differs from the machine's own (docs/testing.md).
+TOLERANCE_PATHS := avx2 default
 
 test: $(STAMP)
+	for cap in $(TOLERANCE_PATHS); do \
+		ATEN_CPU_CAPABILITY=$$cap ALAST_TEST_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider -m tolerance tests || exit 1; \
+	done
 	$(PY) -m pytest -q --benchmark-disable
 
 # A wheel for the CUDA toolkit and torch found, into dist/ (reuses the objects the editable install built).

@@ -11,7 +11,8 @@ that train the backbone use ``--lr``, the others (adapters, queries, side networ
 It prints one table (held-out accuracy, train wall time, median step, training FLOPs, peak activation
 memory, trainable parameters, inference FLOPs and time per image), ALaST's last per-layer plan, and writes
 ``results.json``, ``pareto.png`` (accuracy against train time and against memory, one point per method)
-and ``budgets.png`` (ALaST's layer × step heat maps) to ``--out``. ``--seeds N`` repeats everything with N
+and ``budgets.png`` (ALaST's layer × step heat maps) to ``--out``; each finished run is written there at once, and
+``--resume`` continues an interrupted job (see :mod:`job_output`). ``--seeds N`` repeats everything with N
 seeds and reports mean ± standard deviation; ``--equal-time`` also trains every method for as many steps
 as fit in full fine-tuning's wall time. Under ``torchrun --nproc-per-node K`` the ranks share each batch
 (DistributedDataParallel, gloo on the CPU); rank 0 prints and writes. See :mod:`training` for how costs
@@ -39,6 +40,7 @@ import alast_kernels as ak
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_canvas import DigitCanvas, TensorImages, digit_tasks  # noqa: E402
+from job_output import JobOutput, job_settings, state_digest  # noqa: E402
 from report import layer_table, method_table, plot_budgets, plot_pareto, write_json  # noqa: E402
 from starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text, starting_weights  # noqa: E402
 from training import cached_epochs, evaluate, inference_cost, train  # noqa: E402
@@ -53,6 +55,8 @@ TEST_VIEWS = 4  # positions each held-out digit is rendered at
 PRETRAIN_STEPS = 400
 STEPS = 300
 ADAPTER_LR = 5e-3
+TOKEN_BUDGET = 0.5
+POLICIES_WITHOUT_TOKEN_BUDGET = ("paper",)  # its budgets adapt in [0.5, 1] by themselves
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -143,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     alast.add_argument("--policy", choices=("alast", "paper", "fixed"), default="alast",
                        help="budget policy; 'fixed' keeps --token-budget in every layer and trains the "
                             "--train-layers deepest ones")
-    alast.add_argument("--token-budget", type=_fraction("token_budget"), default=0.5,
-                       help="mean fraction of patch tokens the blocks process, in (0, 1]")
+    alast.add_argument("--token-budget", type=_fraction("token_budget"), default=None,
+                       help=f"mean fraction of patch tokens the blocks process, in (0, 1] (default: {TOKEN_BUDGET:g}); "
+                            "not with --policy paper, which ignores it")
     alast.add_argument("--train-layers", type=_positive, default=None,
                        help="blocks trained per step (default: ceil(0.75 * depth))")
     alast.add_argument("--min-keep", type=_fraction("min_keep"), default=0.2,
@@ -157,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "the lowest trained one then run without a graph); by default they train, as in full "
                             "fine-tuning")
     out = p.add_argument_group("output")
-    out.add_argument("--out", default=os.path.join("runs", "finetune"), help="output directory")
+    out.add_argument("--out", default=os.path.join("runs", "finetune"),
+                     help="output directory, checked (created, writable) before anything runs; each finished run is "
+                          "written there at once. A new job refuses a non-empty --out (nothing is replaced or left "
+                          "stale): give a new one, or --resume")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the job in --out: same settings (any difference is refused, named), the runs "
+                          "already written are kept and skipped")
     out.add_argument("--probes", type=_positive, default=5, help="measured steps per run (FLOPs and memory)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -184,6 +195,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.sample and args.policy != "alast":
         parser.error(f"--sample: only with --policy alast ('paper' always samples, 'fixed' trains the blocks it is "
                      f"given), got --policy {args.policy}")
+    if args.policy in POLICIES_WITHOUT_TOKEN_BUDGET:
+        if args.token_budget is not None:
+            parser.error(f"--token-budget: --policy {args.policy} ignores it (its budgets adapt by themselves); "
+                         "leave --token-budget out, or use --policy alast or fixed")
+    elif args.token_budget is None:
+        args.token_budget = TOKEN_BUDGET
     if args.policy == "alast" and args.min_keep > args.token_budget:
         parser.error(f"--min-keep: expected at most --token-budget={args.token_budget}, got {args.min_keep}")
     if args.data is not None and not os.path.isdir(args.data):
@@ -222,8 +239,15 @@ def load_image_folder(root: str, img_size: int, seed: int):
             raise SystemExit(f"--data {root}: {e}") from None
         if len(ds.classes) < 2:
             raise SystemExit(f"--data {root}: expected at least 2 class folders in {path}, found {ds.classes}")
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
-        return images, torch.tensor(ds.targets, dtype=torch.int64), ds.classes
+        images = []
+        for i, (file, _) in enumerate(ds.samples):
+            try:
+                images.append(ds[i][0])
+            # PIL's errors for a broken file: UnidentifiedImageError (an OSError), OSError for a truncated one,
+            # SyntaxError from some format parsers, ValueError for bad header values.
+            except (OSError, SyntaxError, ValueError) as e:
+                raise SystemExit(f"--data {root}: cannot read the image {file} ({type(e).__name__}: {e})") from None
+        return torch.stack(images), torch.tensor(ds.targets, dtype=torch.int64), ds.classes
 
     held_out = next((os.path.join(root, n) for n in ("val", "test") if os.path.isdir(os.path.join(root, n))), None)
     if os.path.isdir(os.path.join(root, "train")) and held_out:
@@ -257,8 +281,9 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
         return {"schedule_steps": max(1, steps // 2)}
     if name not in ALAST_METHODS:
         return {}
-    options = {"token_budget": args.token_budget, "train_layers": args.train_layers, "policy": args.policy,
-               "min_keep": args.min_keep, "seed": seed}
+    options = {"train_layers": args.train_layers, "policy": args.policy, "min_keep": args.min_keep, "seed": seed}
+    if args.token_budget is not None:  # None: a policy that ignores it (parse_args refuses one given)
+        options["token_budget"] = args.token_budget
     if args.sample:
         options["sample"] = True
     if args.freeze_embeddings:
@@ -368,6 +393,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             dist.destroy_process_group()
 
 
+def _from_rank0(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (DDP ranks must run the same number of steps, or they hang); the
+    tensor is on the ranks' device, as nccl needs."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def load_data(args):
     if args.data:
         train_set, test_set, classes = load_image_folder(args.data, args.img_size, args.seed)
@@ -391,6 +424,17 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
     show = not args.quiet and main_rank
     say = print if main_rank else (lambda *a, **k: None)
 
+    # --out first: a path that cannot take the results, or a job there that is not this one, stops the job
+    # before it loads or trains anything.
+    settings = job_settings(args, world)
+    out = JobOutput(args.out, settings, args.resume) if main_rank else None
+    if world > 1:
+        dist.barrier()  # rank 0 has checked (and maybe created) --out before the others read it
+        if not main_rank:
+            out = JobOutput(args.out, settings, args.resume, validate=False)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    done = out.finished([(name, seed) for seed in seeds for name in args.methods]) if args.resume else {}
+
     train_set, test_set, classes, data_text = load_data(args)
     torch.manual_seed(args.seed)
     start = create_model(args, len(classes))
@@ -409,33 +453,46 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         if not main_rank:
             weights = starting_weights(args, start, device, show)
     say(f"weights:  {weights.pop('text')}")
+    if main_rank:
+        out.check_start_weights(state_digest(start))
     skipped = [m for m in DEFAULT_METHODS if m not in ak.methods.available()]
     say(f"methods:  {', '.join(args.methods)}" + (f" (not in this install: {', '.join(skipped)})" if skipped else ""))
     say(f"training: {args.steps} steps x batch {args.batch_size}, AdamW (warm-up + cosine), lr {args.lr:g} "
         f"(backbone) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
         + (f"seeds {args.seed}..{args.seed + args.seeds - 1}" if args.seeds > 1 else f"seed {args.seed}"), flush=True)
 
+    if args.resume:
+        say(f"resumed:  {len(done)} of {len(seeds) * len(args.methods)} runs already in {out.runs_dir}, kept")
+    equal_time = args.equal_time and "full" in args.methods
+    # Under --equal-time full fine-tuning goes first in each seed: its wall time sets the others' steps, so each
+    # run is written with its equal-time rerun. The order changes no result: every run starts from its own
+    # seed and a copy of the seed's starting model.
+    order = sorted(args.methods, key=lambda n: n != "full") if equal_time else args.methods
     runs: Dict[str, List[Dict]] = {name: [] for name in args.methods}
-    for seed in range(args.seed, args.seed + args.seeds):
+    for seed in seeds:
         torch.manual_seed(seed)
         head_start = copy.deepcopy(start)
         head_start.reset_classifier(len(classes))  # a new, seeded head for the new task
         head_start.to(device)
-        for name in args.methods:
-            runs[name].append(fine_tune(name, head_start, train_set, test_set, args, device, seed, args.steps,
-                                        show, args.probes, rank, world))
-        if args.equal_time and "full" in args.methods:
-            budget = runs["full"][-1]["train_seconds"]
-            for name in args.methods:
-                run = runs[name][-1]
-                if name == "full":
-                    run["equal_time"] = {"steps": args.steps, "accuracy": run["accuracy"], "train_seconds": budget}
-                    continue
-                steps = max(1, round(args.steps * budget / run["train_seconds"]))
-                again = fine_tune(name, head_start, train_set, test_set, args, device, seed, steps, show, 0,
-                                  rank, world)
-                run["equal_time"] = {"steps": steps, "accuracy": again["accuracy"],
-                                     "train_seconds": again["train_seconds"]}
+        for name in order:
+            run = done.get((name, seed))
+            if run is None:
+                run = fine_tune(name, head_start, train_set, test_set, args, device, seed, args.steps, show,
+                                args.probes, rank, world)
+                if equal_time and name == "full":
+                    run["equal_time"] = {"steps": args.steps, "accuracy": run["accuracy"],
+                                         "train_seconds": run["train_seconds"]}
+                elif equal_time:
+                    steps = max(1, round(args.steps * runs["full"][-1]["train_seconds"] / run["train_seconds"]))
+                    if world > 1:  # wall times differ between ranks: every rank must train rank 0's count
+                        steps = _from_rank0(steps, device)
+                    again = fine_tune(name, head_start, train_set, test_set, args, device, seed, steps, show, 0,
+                                      rank, world)
+                    run["equal_time"] = {"steps": steps, "accuracy": again["accuracy"],
+                                         "train_seconds": again["train_seconds"]}
+                if main_rank:
+                    run = out.save_run(name, seed, run)
+            runs[name].append(run)
     cache = {}
     if args.feature_cache and not isinstance(train_set, DigitCanvas):
         say("feature cache: measured on the embedded digits only (their training images can be rendered once)")
@@ -461,7 +518,7 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         "args": vars(args),
         "data": {"text": data_text, "classes": classes, "train_size": len(train_set), "test_size": len(test_set),
                  "num_patches": num_patches},
-        "start_weights": weights, "methods": args.methods, "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "start_weights": weights, "methods": args.methods, "seeds": seeds,
         "runs": runs, "summary": summary, "feature_cache": cache,
     }
     if "full" in summary:
@@ -475,7 +532,6 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
     if not main_rank:
         return record
 
-    os.makedirs(args.out, exist_ok=True)
     say()
     say(method_table(summary, seeds=args.seeds, memory_kind=runs[args.methods[0]][0].get("memory_kind")))
     say(f"\nFLOPs: forward+backward matmuls and attention (torch.utils.flop_counter), mean of {args.probes} measured "
@@ -496,8 +552,9 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         if name in runs:
             history = runs[name][0]["history"]
             path = os.path.join(args.out, "budgets.png" if name == "alast" else f"budgets-{name}.png")
-            plot_budgets(history, path, f"{name} on {args.model} ({args.policy} policy, token budget "
-                         f"{args.token_budget:g}): per-layer plan over {args.steps} steps (seed {args.seed})")
+            budget = "" if args.token_budget is None else f", token budget {args.token_budget:g}"
+            plot_budgets(history, path, f"{name} on {args.model} ({args.policy} policy{budget}): per-layer plan "
+                         f"over {args.steps} steps (seed {args.seed})")
             paths.append(path)
             last = runs[name][0]
             say(f"\n{name}'s last plan per layer (seed {args.seed}):")

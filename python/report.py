@@ -1,11 +1,13 @@
 """Output of the fine-tuning job: the side-by-side table, the budget heat map (PNG) and the JSON record."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Dict, List
+import uuid
+from typing import Dict, Iterator, List
 
-__all__ = ["method_table", "layer_table", "plot_budgets", "plot_pareto", "write_json"]
+__all__ = ["method_table", "layer_table", "plot_budgets", "plot_pareto", "write_json", "atomic_path"]
 
 
 def _si(value: float, unit: str) -> str:
@@ -115,7 +117,8 @@ def plot_budgets(history: List[Dict], path: str, title: str) -> None:
             bar.set_ticks([0.25, 0.75], labels=["frozen", "trained"])
     axes[-1].set_xlabel("training step")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -152,14 +155,35 @@ def plot_pareto(summary: Dict[str, Dict], path: str, title: str) -> None:
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary file name beside ``path`` to write to; renamed onto ``path`` when the block succeeds.
+
+    The rename (``os.replace``, atomic within one file system, hence the same directory) means a reader or a
+    job killed mid-write sees the old file or the whole new one, never half of one. On an error the temporary
+    file is removed and the error propagates."""
+    directory, name = os.path.split(os.path.abspath(path))
+    # A name unique to this process and call (not mkstemp, whose file would keep mode 0600 after the rename).
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def write_json(record: Dict, path: str) -> None:
     """Write ``record`` to ``path`` atomically (a crash leaves the old file, never half a new one)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict
+import warnings
+from typing import Dict, Optional
 
 import timm
 import torch
@@ -13,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import alast_kernels as ak
 from digits_canvas import digit_tasks
+from report import atomic_path
 from training import evaluate, train
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alast_kernels")
@@ -80,6 +82,27 @@ def pretrain_cache_path(args) -> str:
     return os.path.join(args.cache_dir, f"pretrain-digits0-4-{args.model}-{digest}.pt")
 
 
+def read_cache(path: str) -> Optional[Dict]:
+    """The cached pretraining at ``path`` (``{"state_dict": name -> tensor, "accuracy": tensor}``), or None
+    when there is none or it is unreadable; an unreadable one is named in a warning, and the caller rebuilds
+    it (the cache is only a saving: the job can always pretrain again)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict)
+                and all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())
+                and isinstance(saved.get("accuracy"), torch.Tensor)):
+            raise ValueError("expected {'state_dict': name -> tensor, 'accuracy': tensor}")
+    # torch.load reports a damaged file in many types (UnpicklingError, RuntimeError from the zip reader,
+    # EOFError, ...); each means the same here, and the message and type are passed on in the warning.
+    except Exception as e:
+        warnings.warn(f"cached starting weights {path} are unreadable ({type(e).__name__}: {e}); pretraining "
+                      "again and replacing them", RuntimeWarning, stacklevel=2)
+        return None
+    return saved
+
+
 def pretrain(args, device: torch.device, show: bool) -> Dict:
     """The job's own starting weights: the same ViT trained from scratch on digits 0–4 (a different task).
 
@@ -116,17 +139,16 @@ def starting_weights(args, model: torch.nn.Module, device: torch.device, show: b
         tag = hub.pretrained_cfg.get("hf_hub_id") or hub.pretrained_cfg.get("tag") or args.model
         return {"source": "timm_hub", "path": tag, "text": f"timm hub weights ({tag})"}
     path = pretrain_cache_path(args)
-    if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_cache(path)
+    if saved is not None:
         load_backbone(model, saved["state_dict"], f"cached weights {path}")
         return {"source": "cache", "path": path, "pretrain_accuracy": float(saved["accuracy"]),
                 "text": f"loaded from cache {path} (pretrained by this job on digits 0-4, held-out accuracy "
                         f"{100 * float(saved['accuracy']):.1f}%)"}
     made = pretrain(args, device, show)
     os.makedirs(args.cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"state_dict": made["state_dict"], "accuracy": torch.tensor(made["accuracy"])}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # another job reading the cache meanwhile sees no half-written file
+        torch.save({"state_dict": made["state_dict"], "accuracy": torch.tensor(made["accuracy"])}, tmp)
     load_backbone(model, made["state_dict"], "the job's pretraining")
     return {"source": "trained_now", "path": path, "pretrain_accuracy": made["accuracy"],
             "pretrain_seconds": made["train_seconds"],

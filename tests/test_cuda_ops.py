@@ -19,6 +19,7 @@ import torch
 from alast_kernels import _cuda_emulation, ops
 from alast_kernels import backend as _backend
 from alast_kernels.backends import reference
+from tolerance import assert_flash_rule
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -35,18 +36,11 @@ def gen():
     return torch.Generator(device=DEVICE).manual_seed(1234)
 
 
-def _assert_near_float64(out, same_precision_ref, ref64, slack):
-    """docs/testing.md: |out - ref64| <= 2 |ref_same_precision - ref64| + slack, elementwise maxima."""
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (same_precision_ref.double() - ref64).abs().max().item()
-    assert err <= 2 * ref_err + slack, f"kernel error {err:.3g}, reference error {ref_err:.3g}"
-
-
 def _assert_matches(out, ref, ref64, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     else:
-        _assert_near_float64(out, ref, ref64, slack=1e-3 if dtype == torch.float16 else 8e-3)
+        assert_flash_rule("out", out, ref, ref64, slack=1e-3 if dtype == torch.float16 else 8e-3)
 
 
 # ------------------------------------------------------------------------------------------ select_tokens
@@ -265,7 +259,7 @@ def test_cls_scores_matches_reference(cuda, gen, dtype, B, N, D, H):
     # Both compute in float32 from the same inputs: float32's tolerance for every input dtype, and the
     # float64 comparison for the rounding of the folded vectors.
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-7)
-    _assert_near_float64(out, ref, ref64, slack=2e-6)
+    assert_flash_rule("out", out, ref, ref64, slack=2e-6)
     torch.testing.assert_close(out.sum(1), torch.ones(B, device=DEVICE), rtol=0, atol=1e-5)
 
 

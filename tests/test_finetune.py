@@ -199,7 +199,8 @@ def test_checkpoint_option(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("policy", ["fixed", "paper"])
 def test_other_policies(tmp_path, cache_dir, policy):
-    record = finetune.main(TINY + ["--depth", "3", "--policy", policy, "--token-budget", "0.4", "--train-layers", "2",
+    budget = ["--token-budget", "0.4"] if policy == "fixed" else []  # 'paper' refuses one (its budgets adapt)
+    record = finetune.main(TINY + ["--depth", "3", "--policy", policy, *budget, "--train-layers", "2",
                                    "--methods", "alast", "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
     alast = record["runs"]["alast"][0]
     if policy == "fixed":  # the token budget in every layer, the deepest --train-layers trained, every step
@@ -208,6 +209,17 @@ def test_other_policies(tmp_path, cache_dir, policy):
     else:  # budgets start at 1: the first step keeps every token; two layers train each step
         assert alast["history"][0]["keep_ratio"] == [1.0] * 3
         assert all(sum(h["train"]) == 2 for h in alast["history"])
+
+
+def test_token_budget_default_and_the_paper_policy():
+    """A policy that ignores the token budget gets none (so no plot is titled with one); the others get
+    --token-budget, 0.5 unless given."""
+    assert finetune.parse_args(TINY).token_budget == 0.5
+    assert finetune.parse_args(TINY + ["--policy", "fixed", "--token-budget", "0.3"]).token_budget == 0.3
+    paper = finetune.parse_args(TINY + ["--policy", "paper"])
+    assert paper.token_budget is None
+    options = finetune.method_options("alast", paper, depth=2, seed=0, steps=4)
+    assert "token_budget" not in options and options["policy"] == "paper"
 
 
 def test_sample_reaches_the_controller():
@@ -261,6 +273,38 @@ def test_image_folder_data(tmp_path, cache_dir, layout):
     assert all(0 <= record["runs"][k][0]["accuracy"] <= 1 for k in ("full", "alast"))
 
 
+@pytest.mark.parametrize("damage", ["not_an_image", "truncated"])
+def test_a_broken_image_is_named(tmp_path, damage):
+    root = tmp_path / "data"
+    _write_image_folder(root, ["cat", "dog"], per_class=4)
+    broken = root / "dog" / "2.png"
+    data = broken.read_bytes()
+    broken.write_bytes(b"these bytes are no image" if damage == "not_an_image" else data[:len(data) // 2])
+    with pytest.raises(SystemExit) as info:
+        finetune.load_image_folder(str(root), 16, seed=0)
+    assert str(info.value.code).startswith(f"--data {root}: cannot read the image {broken} (")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong_content"])
+def test_a_damaged_pretraining_cache_is_rebuilt_with_a_warning(tmp_path, damage):
+    import starting_weights
+    args = finetune.parse_args(TINY + ["--cache-dir", str(tmp_path)])
+    path = starting_weights.pretrain_cache_path(args)
+    if damage == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip file")
+    else:  # a readable file that is not a pretraining: no weights
+        torch.save({"accuracy": torch.tensor(0.5)}, path)
+    with pytest.warns(RuntimeWarning, match=f"cached starting weights {path} are unreadable"):
+        weights = starting_weights.starting_weights(args, starting_weights.create_model(args, 5), CPU, show=False)
+    assert weights["source"] == "trained_now" and weights["path"] == path
+    rebuilt = torch.load(path, weights_only=True)  # replaced by the new pretraining
+    assert torch.equal(rebuilt["accuracy"], torch.tensor(weights["pretrain_accuracy"]))  # stored as float32
+    model = starting_weights.create_model(args, 5)
+    assert starting_weights.starting_weights(args, model, CPU, show=False)["source"] == "cache"
+    assert torch.equal(model.blocks[0].attn.qkv.weight, rebuilt["state_dict"]["blocks.0.attn.qkv.weight"])
+
+
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("argv, message", [
     (["--token-budget", "1.5"], "argument --token-budget: expected a number in (0, 1], got '1.5'"),
@@ -277,6 +321,8 @@ def test_image_folder_data(tmp_path, cache_dir, layout):
     (["--methods", "full,magic"], "--methods: unknown method(s) magic; expected some of full, linear"),
     (["--methods", "full,full"], "--methods: a method is named twice"),
     (["--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
+    (["--policy", "paper", "--token-budget", "0.1"], "--token-budget: --policy paper ignores it"),
+    (["--policy", "paper", "--token-budget", "0.5"], "--token-budget: --policy paper ignores it"),  # the default too
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -329,23 +375,25 @@ def test_errors_found_after_parsing(tmp_path, cache_dir, monkeypatch):
 
 @pytest.mark.distributed
 def test_the_job_runs_under_torchrun(tmp_path, cache_dir):
-    """Two ranks share every batch (DDP, gloo); rank 0 pretrains, prints and writes the results."""
+    """Two ranks share every batch (DDP, gloo); rank 0 pretrains, prints and writes the results. With
+    --equal-time every rank trains rank 0's step count (each rank's own wall time could differ: a hang)."""
     import subprocess
     import sys
     out = tmp_path / "out"
     script = os.path.join(os.path.dirname(finetune.__file__), "finetune.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *TINY,
-           "--methods", "full,alast", "--out", str(out), "--cache-dir", cache_dir]
+           "--methods", "full,alast", "--equal-time", "--out", str(out), "--cache-dir", cache_dir]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((out / "results.json").read_text())
     assert saved["world_size"] == 2 and set(saved["runs"]) == {"full", "alast"}
     assert len(saved["runs"]["alast"][0]["history"]) == 4
+    assert saved["runs"]["alast"][0]["equal_time"]["steps"] >= 1
 
 
 def test_feature_cache_measurement(tmp_path, cache_dir, capsys):
-    record = finetune.main(TINY + ["--methods", "losa", "--feature-cache", "256", "--out", str(tmp_path / "out"),
+    record = finetune.main(TINY + ["--methods", "losa", "--feature-cache", "256", "--out", str(tmp_path / "measured"),
                                    "--cache-dir", cache_dir])
     cache = record["feature_cache"]["losa"]
     assert len(cache["epoch_seconds"]) == 2 and cache["speedup_epoch2"] > 1

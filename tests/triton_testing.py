@@ -13,6 +13,7 @@ from alast_kernels import backend
 from alast_kernels.backends import triton as triton_backend
 from alast_kernels.backends.reference import OPS as REFERENCE_OPS
 from alast_kernels.backends.triton import _common
+from tolerance import assert_flash_rule, max_error  # noqa: F401 (re-exported for the triton tests)
 
 TRITON_OPS = triton_backend.OPS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,18 +45,6 @@ def triton_forced(monkeypatch):
         yield
     finally:
         alast_kernels.set_backend("auto")
-
-
-def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_flash_rule(name: str, ours: torch.Tensor, torch_same: torch.Tensor, exact: torch.Tensor,
-                      slack: float = 1e-5) -> None:
-    """docs/testing.md: our error against the float64 result at most 2x PyTorch's own in the same precision."""
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    ours_err, torch_err = max_error(ours, exact), max_error(torch_same, exact)
-    assert ours_err <= 2 * torch_err + slack, f"{name}: error {ours_err:.3g} > 2 x PyTorch's {torch_err:.3g} + {slack}"
 
 
 def grads(outputs, inputs, grad_outputs):
