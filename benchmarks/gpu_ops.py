@@ -1,0 +1,95 @@
+"""Every op on every backend that implements it, timed at one ViT's shapes in bfloat16 and float16 (GPU check,
+stage "ops"; run by ``gpu_check.py``, or alone on a GPU machine).
+
+``python benchmarks/gpu_ops.py --shape vit_b16 --out ops_vit_b16.json [--repeats 20] [--dry-run]``
+
+For each op and dtype the backends' implementations (the reference being the vendor path: SDPA for the
+attention ops, cuBLAS for the linear layers, PyTorch's own kernels elsewhere) run the call a training step
+makes (``gpu_cases.py``: forward, and backward where the step takes gradients), interleaved round by round,
+each timing ``INNER`` back-to-back calls between CUDA synchronisations (``alast_kernels.measure``). A backend
+that raises is recorded with its error, not timed. ``--dry-run`` builds nothing on a GPU: it checks that
+the shapes, backends and cases resolve and writes the plan with ``"skipped"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_cases import DTYPES, SHAPES, TINY, op_calls, own_ops  # noqa: E402
+
+INNER = 5
+
+
+def _backends():
+    from alast_kernels import backend
+    loaded = {name: backend.load(name) for name in backend.BACKENDS}
+    reference_ops = loaded["reference"].OPS
+    return ({name: own_ops(name, module.OPS, reference_ops) for name, module in loaded.items() if module},
+            {name: backend.import_error(name) for name, module in loaded.items() if module is None})
+
+
+def measure(shape_name: str, repeats: int) -> dict:
+    from alast_kernels.measure import median_seconds
+
+    shape = SHAPES[shape_name]
+    backends, missing = _backends()
+    cases = []
+    for dtype_name, dtype in DTYPES.items():
+        calls = {name: op_calls(ops, shape, dtype) for name, ops in backends.items()}
+        for op in calls["reference"]:
+            variants, errors = {}, {}
+            for name in backends:
+                if op not in calls[name]:
+                    continue
+                try:  # first call: compiles (Triton) and checks that it runs at all
+                    calls[name][op]()
+                    torch.cuda.synchronize()
+                    variants[name] = calls[name][op]
+                except Exception as exc:  # recorded and reported: a kernel that fails is not trusted
+                    errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+            started = time.perf_counter()
+            seconds = median_seconds(list(variants.values()), repeats=repeats, warmup=2, inner=INNER)
+            case = {"op": op, "dtype": dtype_name, "shape": shape_name,
+                    "median_us": {name: s * 1e6 for name, s in zip(variants, seconds)}, "errors": errors}
+            cases.append(case)
+            times = ", ".join(f"{n} {us:.1f} us" for n, us in case["median_us"].items())
+            print(f"  {shape_name} {dtype_name:<8} {op:<18} {times}"
+                  + (f"  errors: {sorted(errors)}" if errors else "")
+                  + f"  ({time.perf_counter() - started:.1f} s)", flush=True)
+    return {"cases": cases, "backends_missing": missing, "inner": INNER, "repeats": repeats}
+
+
+def plan(shape_name: str) -> dict:
+    """What a run at ``shape_name`` would time: ops per backend (no GPU needed; every op's case is built on
+    tiny CPU tensors, so an op without a case fails here too)."""
+    backends, missing = _backends()
+    for ops in backends.values():
+        op_calls(ops, TINY, torch.float32, "cpu")
+    return {"ops": {name: sorted(ops) for name, ops in backends.items()}, "backends_missing": missing}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"shape": SHAPES[args.shape].as_dict(), "dtypes": list(DTYPES)}
+    if args.dry_run or not torch.cuda.is_available():
+        result.update(plan(args.shape), skipped="dry run" if args.dry_run else "no CUDA device")
+    else:
+        result.update(measure(args.shape, args.repeats), device=torch.cuda.get_device_name(),
+                      capability=".".join(map(str, torch.cuda.get_device_capability())))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The GPU check (``make gpu-check``, benchmarks/gpu_check.py) without a GPU: its dry run reaches every part
+and reports each as skipped, a broken part fails it, and the pieces that turn measurements into ``auto``'s
+table behave (dropping for time, the dispatch records, the op cases)."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alast_kernels.backends import measured
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"build", "tests", "sanitizer", "ops", "training"}
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"test_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gc():
+    return _load("gpu_check")
+
+
+def test_dry_run_reaches_every_part_and_reports_each_as_skipped(tmp_path, gc):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["part"] for row in summary["parts"]] == [part.name for part in gc.PARTS]
+    assert {row["stage"] for row in summary["parts"]} == STAGES
+    for row in summary["parts"]:
+        assert row["status"] == "skipped (dry run); its dry run passed", row
+        assert f"{row['part']}: skipped (dry run); its dry run passed" in done.stdout
+    assert summary["failed"] == [] and summary["dropped"] == [] and summary["mode"] == "dry run"
+    assert summary["environment"]["torch"] == torch.__version__
+    # the ops' plans and the training's methods were resolved, then merged into one file each
+    ops = json.loads((tmp_path / "ops.json").read_text())
+    assert sorted(o["shape"]["name"] for o in ops) == ["vit_b16", "vit_s16"]
+    assert all(o["skipped"] == "dry run" and o["dtypes"] == ["bfloat16", "float16"] for o in ops)
+    assert set(ops[0]["ops"]["reference"]) == set(measured.VENDOR_PATHS) | {
+        "select_tokens", "gather_tokens", "scatter_tokens", "gather_layer_norm", "cls_scores", "fuse_tokens"}
+    import alast_kernels as ak
+    training = json.loads((tmp_path / "training.json").read_text())
+    assert sorted(map(sorted, (t["methods"] for t in training))) == sorted([sorted(ak.methods.available()),
+                                                                             ["alast", "full"]])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gpu-check.log", "ops.json", "summary.json", "training.json"]  # few, small files
+    assert not (tmp_path / "gpu_dispatch.json").exists()  # nothing measured: the table is left alone
+
+
+@pytest.mark.parametrize("breakage", ["missing", "raises"])
+def test_a_broken_part_fails_the_dry_run(tmp_path, monkeypatch, gc, breakage, capsys):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    if breakage == "raises":
+        (scripts / "gpu_ops.py").write_text("def main(argv):\n    raise KeyError('no case for op foo')\n")
+    monkeypatch.setattr(gc, "BENCH", scripts)
+    monkeypatch.setattr(gc, "PARTS", [gc.PARTS[0], gc._ops("vit_s16")])
+    out = tmp_path / "out"
+    assert gc.main(["--dry-run", "--out", str(out)]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == ["ops-vit_s16"]
+    (row,) = [r for r in summary["parts"] if r["part"] == "ops-vit_s16"]
+    expected = "is missing" if breakage == "missing" else "no case for op foo"
+    assert row["status"].startswith("skipped (dry run); its dry run failed") and expected in row["status"]
+    assert "Traceback" in (out / "gpu-check.log").read_text()
+
+
+def test_only_selects_parts_and_rejects_unknown_names(tmp_path, gc):
+    assert gc.main(["--dry-run", "--out", str(tmp_path), "--only", "ops-vit_s16"]) == 0
+    parts = [r["part"] for r in json.loads((tmp_path / "summary.json").read_text())["parts"]]
+    assert parts == ["install", "ops-vit_s16"]  # the install is never left out
+    with pytest.raises(SystemExit):
+        gc.main(["--dry-run", "--out", str(tmp_path), "--only", "opz"])
+
+
+def test_the_slowest_droppable_parts_are_dropped_first(gc):
+    def part(name, estimate, droppable=True):
+        return gc.Part(name, "x", estimate, 10, lambda out: [], lambda out: None, droppable)
+    parts = [part("build", 100, False), part("a", 50), part("b", 150), part("c", 30), part("d", 60)]
+    assert gc.drop_to_fit(parts, 400) == []
+    assert [p.name for p in gc.drop_to_fit(parts, 300)] == ["b"]          # 390 - 150 fits
+    assert [p.name for p in gc.drop_to_fit(parts, 180)] == ["b", "d"]     # 390 - 150 - 60 = 180 fits
+    assert [p.name for p in gc.drop_to_fit(parts, 170)] == ["b", "d", "a"]  # then 50: 130
+    assert [p.name for p in gc.drop_to_fit(parts, 50)] == ["b", "d", "a", "c"]  # never the build
+
+
+def test_every_part_has_a_deadline_and_the_plan_fits_the_default_budget_after_drops(gc):
+    assert all(0 < p.estimate <= p.deadline for p in gc.PARTS)
+    kept = [p for p in gc.PARTS if p not in gc.drop_to_fit(gc.PARTS, 480)]
+    assert sum(p.estimate for p in kept) <= 480
+    # what (a)-(d) ask for stays in the default budget: the gpu tests, the cuda kernels under both tools,
+    # both shapes' op timings, and the training steps of every method
+    assert {"install", "tests-gpu", "memcheck-cuda", "racecheck-cuda", "ops-vit_b16", "ops-vit_s16",
+            "training-full-alast", "training-methods"} <= {p.name for p in kept}
+
+
+def _case(op, dtype, times, errors=None):
+    return {"op": op, "dtype": dtype, "shape": "vit_b16", "median_us": times, "errors": errors or {}}
+
+
+def test_dispatch_records_order_backends_by_geometric_mean_and_distrust_failures(gc):
+    ops = [{"cases": [
+        _case("attention", "bfloat16", {"reference": 100.0, "triton": 50.0}),
+        _case("attention", "float16", {"reference": 100.0, "triton": 400.0}),   # geomean triton 141 > 100
+        _case("gather_tokens", "bfloat16", {"reference": 30.0, "triton": 20.0, "cuda": 10.0}),
+        _case("gather_tokens", "float16", {"reference": 30.0, "cuda": 10.0}, {"triton": "RuntimeError: x"}),
+        _case("select_tokens", "float32", {"triton": 5.0}, {"reference": "boom"}),
+    ]}]
+    env = {"device": "NVIDIA H200", "date": "2026-12-02 17:00 UTC", "commit": "abc", "torch": "2.11.0"}
+    records = gc.dispatch_records(ops, env)
+    assert set(records) == {"attention", "gather_tokens"}  # select_tokens: the reference never ran
+    assert records["attention"]["order"] == ["reference", "triton"]
+    assert records["attention"]["geomean_us"] == {"reference": 100.0, "triton": pytest.approx(141.42, abs=0.01)}
+    assert records["attention"]["kernel_beats_reference"] is False
+    assert records["gather_tokens"]["order"] == ["cuda", "reference"]  # triton failed once: not trusted
+    assert records["gather_tokens"]["cases"][1]["errors"] == {"triton": "RuntimeError: x"}
+    table = measured.validate({"records": {"9.0": records}}, "made")
+    assert table["records"]["9.0"]["gather_tokens"]["kernel_beats_reference"] is True
+
+
+def test_every_ops_case_runs_on_the_reference_at_the_small_shape():
+    """The closures the benchmarks time and the sanitizer runs are well formed (reference backend, CPU)."""
+    cases = _load("gpu_cases")
+    from alast_kernels.backends import reference
+    calls = cases.op_calls(reference.OPS, cases.TINY, torch.float32, "cpu")
+    assert set(calls) == set(reference.OPS)
+    for op, call in calls.items():
+        call()
+    with pytest.raises(KeyError, match="no case for op"):
+        cases.op_calls({**reference.OPS, "new_op": None}, cases.TINY, torch.float32, "cpu")
+
+
+def test_make_target_uses_the_system_python_and_passes_the_switches():
+    done = subprocess.run(["make", "-n", "gpu-check", "DRY_RUN=1", "OUT=/tmp/x", "BUDGET=300"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "python3 benchmarks/gpu_check.py --out \"/tmp/x\" --budget 300 --dry-run" in done.stdout
+    assert ".venv" not in done.stdout
