@@ -28,8 +28,10 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ class Part:
     dry: Callable[[Path], None]
     droppable: bool = True
     env: Dict[str, str] = field(default_factory=dict)
+    echo: bool = True  # its output on stdout too (the install's verbose build log goes to the log only)
 
 
 def run_main(script: Path, argv: List[str]) -> None:
@@ -116,7 +119,7 @@ def _parallel() -> List[str]:
 
 
 PARTS: List[Part] = [
-    Part("install", "build", 100, 300, droppable=False,
+    Part("install", "build", 100, 300, droppable=False, echo=False,
          command=lambda out: [PY, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
                               "-v", "-e", str(ROOT)],
          dry=_need("pip", "setuptools", "wheel", "torch", files=("setup.py", "pyproject.toml"))),
@@ -146,25 +149,39 @@ class Log:
         self.file.write(text + "\n")
         self.file.flush()
 
-    def run(self, cmd: List[str], timeout: float, env: Dict[str, str]) -> dict:
+    def run(self, cmd: List[str], timeout: float, env: Dict[str, str], echo: bool = True) -> dict:
+        """Runs ``cmd`` in its own process group, its output into the log (and on stdout with ``echo``);
+        at ``timeout`` seconds the whole group is killed (compute-sanitizer's child too)."""
         self.file.write(f"$ {' '.join(cmd)}\n")
         self.file.flush()
-        mark, started = self.file.tell(), time.perf_counter()
-        try:  # output streamed into the log; the last lines echoed on failure
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self.file,
-                                  stderr=subprocess.STDOUT, timeout=max(timeout, 1))
-            status = "passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {timeout:.0f} s"
+        started = time.perf_counter()
+        tail: List[str] = []
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         except FileNotFoundError as exc:
-            status = f"failed ({exc.strerror}: {exc.filename})"
-        self.file.flush()
-        if status != "passed":  # the end of its output on stdout too: the log is not always at hand
-            with open(self.file.name, errors="replace") as f:
-                f.seek(mark)
-                print("".join(f.readlines()[-15:]), end="", flush=True)
-        return {"status": status, "seconds": round(time.perf_counter() - started, 1)}
+            return {"status": f"failed ({exc.strerror}: {exc.filename})", "seconds": 0.0}
 
+        def copy():
+            for line in proc.stdout:
+                self.file.write(line)
+                tail[:] = (tail + [line])[-15:]
+                if echo:
+                    print("    " + line, end="", flush=True)
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=max(timeout, 1))
+            status = "passed" if code == 0 else f"failed (exit {code})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timed out after {timeout:.0f} s"
+        reader.join(timeout=10)
+        self.file.flush()
+        if status != "passed" and not echo:  # the end of its output on stdout: the log is not always at hand
+            print("".join("    " + line for line in tail), end="", flush=True)
+        return {"status": status, "seconds": round(time.perf_counter() - started, 1)}
 
     def dry(self, part: Part, out: Path) -> dict:
         """``part``'s dry run in this process, its output into the log."""
@@ -236,7 +253,7 @@ def run_parts(parts: List[Part], out: Path, budget: float, gpu: bool, dry: bool,
             else:
                 log.say(f"[{part.stage}] {part.name}: running (deadline {min(part.deadline, left):.0f} s, "
                         f"{left:.0f} s of the budget left)")
-                row.update(log.run(part.command(out), min(part.deadline, left), part.env))
+                row.update(log.run(part.command(out), min(part.deadline, left), part.env, part.echo))
         else:
             row.update(log.dry(part, out))
             row["status"] = f"skipped ({'dry run' if dry else 'no CUDA device'}); its dry run {row['status']}"

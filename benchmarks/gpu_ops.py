@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cases import DTYPES, SHAPES, TINY, op_calls, own_ops  # noqa: E402
+from gpu_cases import DTYPES, SHAPES, TINY, Shape, op_calls, own_ops  # noqa: E402
 
 INNER = 5
 
@@ -34,14 +34,17 @@ def _backends():
             {name: backend.import_error(name) for name, module in loaded.items() if module is None})
 
 
-def measure(shape_name: str, repeats: int) -> dict:
+def measure(shape: Shape, repeats: int, device: str = "cuda", warmup: int = 2, inner: int = INNER) -> dict:
+    """Every backend's time for every op at ``shape`` in each of :data:`DTYPES`: the median of ``repeats``
+    timings of ``inner`` calls after ``warmup`` rounds (``device="cpu"`` only for the tests' smoke run, under
+    the Triton interpreter and the CUDA emulation)."""
     from alast_kernels.measure import median_seconds
 
-    shape = SHAPES[shape_name]
+    shape_name = shape.name
     backends, missing = _backends()
     cases = []
     for dtype_name, dtype in DTYPES.items():
-        calls = {name: op_calls(ops, shape, dtype) for name, ops in backends.items()}
+        calls = {name: op_calls(ops, shape, dtype, device) for name, ops in backends.items()}
         for op in calls["reference"]:
             variants, errors = {}, {}
             for name in backends:
@@ -49,12 +52,13 @@ def measure(shape_name: str, repeats: int) -> dict:
                     continue
                 try:  # first call: compiles (Triton) and checks that it runs at all
                     calls[name][op]()
-                    torch.cuda.synchronize()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                     variants[name] = calls[name][op]
                 except Exception as exc:  # recorded and reported: a kernel that fails is not trusted
                     errors[name] = f"{type(exc).__name__}: {exc}"[:500]
             started = time.perf_counter()
-            seconds = median_seconds(list(variants.values()), repeats=repeats, warmup=2, inner=INNER)
+            seconds = median_seconds(list(variants.values()), repeats=repeats, warmup=warmup, inner=inner)
             case = {"op": op, "dtype": dtype_name, "shape": shape_name,
                     "median_us": {name: s * 1e6 for name, s in zip(variants, seconds)}, "errors": errors}
             cases.append(case)
@@ -62,7 +66,7 @@ def measure(shape_name: str, repeats: int) -> dict:
             print(f"  {shape_name} {dtype_name:<8} {op:<18} {times}"
                   + (f"  errors: {sorted(errors)}" if errors else "")
                   + f"  ({time.perf_counter() - started:.1f} s)", flush=True)
-    return {"cases": cases, "backends_missing": missing, "inner": INNER, "repeats": repeats}
+    return {"cases": cases, "backends_missing": missing, "inner": inner, "repeats": repeats}
 
 
 def plan(shape_name: str) -> dict:
@@ -85,10 +89,13 @@ def main(argv=None) -> int:
     if args.dry_run or not torch.cuda.is_available():
         result.update(plan(args.shape), skipped="dry run" if args.dry_run else "no CUDA device")
     else:
-        result.update(measure(args.shape, args.repeats), device=torch.cuda.get_device_name(),
+        result.update(measure(SHAPES[args.shape], args.repeats), device=torch.cuda.get_device_name(),
                       capability=".".join(map(str, torch.cuda.get_device_capability())))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    failed = [(c["op"], c["dtype"], sorted(c["errors"])) for c in result.get("cases", []) if c["errors"]]
+    if failed:  # timed what ran, then fail the part: a kernel that raises on a GPU is a bug to see
+        print(f"gpu_ops: calls that raised (op, dtype, backends): {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -35,11 +35,11 @@ def make_step(name: str, start: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     import alast_kernels as ak
     method = ak.methods.create(name, copy.deepcopy(start), **OPTIONS.get(name, {}))
     method.model.train()
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4, fused=x.is_cuda)
 
     def step():
         with method.step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 loss = F.cross_entropy(method.model(x), y)
             loss.backward()
         optimizer.step()
@@ -47,17 +47,19 @@ def make_step(name: str, start: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     return method, step
 
 
-def inputs(device="cuda"):
+def inputs(device="cuda", batch: int = BATCH, image: int = IMAGE):
+    """A fixed batch: ``(batch, 3, image, image)`` float32 images and int64 labels below ``CLASSES``."""
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(BATCH, 3, IMAGE, IMAGE, device=device, generator=gen)
-    y = torch.randint(0, CLASSES, (BATCH,), device=device, generator=gen)
+    x = torch.randn(batch, 3, image, image, device=device, generator=gen)
+    y = torch.randint(0, CLASSES, (batch,), device=device, generator=gen)
     return x, y
 
 
-def start_model(device="cuda"):
+def start_model(device="cuda", **timm_options):
+    """``MODEL`` with random weights (seed 0), ``CLASSES`` outputs; ``timm_options`` shrink it for tests."""
     import timm
     torch.manual_seed(0)
-    return timm.create_model(MODEL, pretrained=False, num_classes=CLASSES).to(device)
+    return timm.create_model(MODEL, pretrained=False, num_classes=CLASSES, **timm_options).to(device)
 
 
 def measure(names, repeats: int) -> dict:
@@ -95,6 +97,10 @@ def check_names(names) -> None:
     unknown = [n for n in names if n not in ak.methods.available()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected names of {ak.methods.available()}")
+    for name, options in OPTIONS.items():  # a renamed option would otherwise fail only on the GPU
+        accepted = ak.methods.options_of(ak.methods.base._REGISTRY[name])
+        if set(options) - set(accepted):
+            raise SystemExit(f"OPTIONS[{name!r}]: {sorted(set(options) - set(accepted))} not among {accepted}")
     if MODEL not in timm.list_models(MODEL):
         raise SystemExit(f"timm {timm.__version__} has no model {MODEL}")
 

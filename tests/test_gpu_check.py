@@ -145,3 +145,65 @@ def test_make_target_uses_the_system_python_and_passes_the_switches():
     assert done.returncode == 0, done.stderr
     assert "python3 benchmarks/gpu_check.py --out \"/tmp/x\" --budget 300 --dry-run" in done.stdout
     assert ".venv" not in done.stdout
+
+
+# ------------------------------------------------------------------------------------------ the GPU path, simulated
+def _fake(gc, name, code, estimate=1, deadline=30, droppable=True):
+    """A part whose GPU command is ``python -c code``."""
+    return gc.Part(name, "x", estimate, deadline, lambda out: [sys.executable, "-c", code], lambda out: None,
+                   droppable)
+
+
+def test_gpu_run_drops_parts_that_no_longer_fit_and_stops_a_part_at_its_deadline(tmp_path, gc):
+    log = gc.Log(tmp_path / "gpu-check.log")
+    parts = [_fake(gc, "install", "print('built')", droppable=False),
+             _fake(gc, "slow", "import time; time.sleep(60)", estimate=2, deadline=2),
+             _fake(gc, "big", "print('never')", estimate=500),
+             _fake(gc, "bad", "raise SystemExit(3)"),
+             _fake(gc, "fine", "print('fine')")]
+    began = __import__("time").perf_counter()
+    rows = {r["part"]: r for r in gc.run_parts(parts, tmp_path, 100, gpu=True, dry=False, log=log)}
+    assert __import__("time").perf_counter() - began < 30  # the sleeping part was killed at its deadline
+    assert rows["install"]["status"] == "passed"
+    assert rows["slow"]["status"] == "timed out after 2 s"
+    assert rows["big"]["status"].startswith("dropped: estimated 500 s")
+    assert rows["bad"]["status"] == "failed (exit 3)"
+    assert rows["fine"]["status"] == "passed"
+    assert "built" in (tmp_path / "gpu-check.log").read_text() and "never" not in (tmp_path / "gpu-check.log").read_text()
+
+
+def test_gpu_run_skips_everything_after_a_failed_install(tmp_path, gc):
+    log = gc.Log(tmp_path / "gpu-check.log")
+    parts = [_fake(gc, "install", "raise SystemExit(1)", droppable=False), _fake(gc, "tests", "print(1)")]
+    rows = gc.run_parts(parts, tmp_path, 100, gpu=True, dry=False, log=log)
+    assert [r["status"] for r in rows] == ["failed (exit 1)", "skipped: the install failed"]
+
+
+def test_op_benchmark_measures_every_backend_on_the_cpu_smoke(monkeypatch):
+    """gpu_ops.measure's own code path at the small shape, on CPU tensors (interpreter and emulation)."""
+    ops_script = _load("gpu_ops")
+    cases = _load("gpu_cases")
+    monkeypatch.setattr(ops_script, "DTYPES", {"float16": torch.float16})
+    smoke = cases.Shape("smoke", B=1, N=9, D=32, H=2, keep=4, queries=2)
+    result = ops_script.measure(smoke, repeats=1, device="cpu", warmup=0, inner=1)
+    by_op = {c["op"]: c for c in result["cases"]}
+    from alast_kernels.backends import reference
+    assert set(by_op) == set(reference.OPS)
+    for op, case in by_op.items():
+        assert "reference" in case["median_us"] and case["errors"] == {}, (op, case)
+        assert all(us > 0 for us in case["median_us"].values())
+    assert "triton" in by_op["attention"]["median_us"]
+    assert "triton" not in by_op["masked_linear"]["median_us"]  # the reference's own function: not timed twice
+
+
+def test_every_method_trains_one_step_with_the_benchmarks_options_on_a_small_vit():
+    training = _load("gpu_training")
+    import alast_kernels as ak
+    training.check_names(ak.methods.available())
+    start = training.start_model("cpu", img_size=32, patch_size=8, embed_dim=24, depth=12, num_heads=2)
+    x, y = training.inputs("cpu", batch=2, image=32)
+    for name in ak.methods.available():
+        method, step = training.make_step(name, start, x, y)
+        before = [p.detach().clone() for p in method.trainable_parameters()]
+        step()
+        assert any(not torch.equal(b, p) for b, p in zip(before, method.trainable_parameters())), name
