@@ -296,11 +296,12 @@ def dispatch_records(ops_results: List[dict], env: dict) -> Dict[str, dict]:
 
 
 def write_table(records: Dict[str, dict], family: str, out: Path, log: Log) -> None:
-    """The committed table with this GPU family's records replaced; into the tree and ``out``."""
+    """The committed table with this GPU family's records of the ops measured now replaced (the others
+    kept); into the tree and ``out``."""
     sys.path.insert(0, str(ROOT))
     from alast_kernels.backends.measured import validate
     table = json.loads(TABLE.read_text())
-    table["records"][family] = records
+    table["records"].setdefault(family, {}).update(records)
     text = json.dumps(validate(table, str(TABLE)), indent=1) + "\n"
     TABLE.write_text(text)
     (out / "gpu_dispatch.json").write_text(text)

@@ -207,3 +207,17 @@ def test_every_method_trains_one_step_with_the_benchmarks_options_on_a_small_vit
         before = [p.detach().clone() for p in method.trainable_parameters()]
         step()
         assert any(not torch.equal(b, p) for b, p in zip(before, method.trainable_parameters())), name
+
+
+def test_the_table_keeps_other_records_and_other_families(tmp_path, monkeypatch, gc):
+    table = tmp_path / "gpu_dispatch.json"
+    old = {"order": ["reference", "triton"], "geomean_us": {"reference": 1.0, "triton": 2.0}}
+    table.write_text(json.dumps({"about": "x", "records": {"8.0": {"attention": old}, "9.0": {"select_tokens": old}}}))
+    monkeypatch.setattr(gc, "TABLE", table)
+    new = {"order": ["triton", "reference"], "geomean_us": {"triton": 1.0, "reference": 2.0}}
+    out = tmp_path / "out"
+    out.mkdir()
+    gc.write_table({"attention": new}, "9.0", out, gc.Log(out / "gpu-check.log"))
+    written = json.loads(table.read_text())
+    assert written == json.loads((out / "gpu_dispatch.json").read_text())
+    assert written["records"] == {"8.0": {"attention": old}, "9.0": {"select_tokens": old, "attention": new}}
