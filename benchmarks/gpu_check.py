@@ -237,7 +237,10 @@ def drop_to_fit(parts: List[Part], left: float) -> List[Part]:
     return dropped
 
 
-def run_parts(parts: List[Part], out: Path, budget: float, gpu: bool, dry: bool, log: Log) -> List[dict]:
+def run_parts(parts: List[Part], out: Path, budget: float, gpu: bool, dry: bool, log: Log,
+              after: Callable[[Part], None] = lambda part: None) -> List[dict]:
+    """Runs ``parts`` in order within ``budget`` seconds (dry runs where ``dry`` or not ``gpu``); calls
+    ``after(part)`` once each part that ran on the GPU is done. Returns a status row per part."""
     began = time.perf_counter()
     results, pending = [], list(parts)
     while pending:
@@ -254,6 +257,7 @@ def run_parts(parts: List[Part], out: Path, budget: float, gpu: bool, dry: bool,
                 log.say(f"[{part.stage}] {part.name}: running (deadline {min(part.deadline, left):.0f} s, "
                         f"{left:.0f} s of the budget left)")
                 row.update(log.run(part.command(out), min(part.deadline, left), part.env, part.echo))
+                after(part)
         else:
             row.update(log.dry(part, out))
             row["status"] = f"skipped ({'dry run' if dry else 'no CUDA device'}); its dry run {row['status']}"
@@ -263,11 +267,14 @@ def run_parts(parts: List[Part], out: Path, budget: float, gpu: bool, dry: bool,
 
 
 # ------------------------------------------------------------------------------------------ results
-def _read_parts(out: Path, prefix: str) -> List[dict]:
+def _read_parts(out: Path, prefix: str, remove: bool = False) -> List[dict]:
+    """The results the parts of one stage wrote (``<prefix>_*.part.json``); ``remove`` deletes the files once
+    they are merged into one, so that the output stays at a few files."""
     found = []
     for path in sorted(out.glob(f"{prefix}_*.part.json")):
         found.append(json.loads(path.read_text()))
-        path.unlink()  # merged into one file: the output stays at a few files
+        if remove:
+            path.unlink()
     return found
 
 
@@ -310,6 +317,15 @@ def write_table(records: Dict[str, dict], family: str, out: Path, log: Log) -> N
                 f"({', '.join(f'{n} {us:.1f} us' for n, us in rec['geomean_us'].items())})")
 
 
+def update_table(part: Part, out: Path, env: dict, log: Log) -> None:
+    """After an op part: the table from every op timed so far in ``out``, so that the training steps that
+    follow run with ``auto`` as it will be once the table is committed."""
+    if part.stage == "ops":
+        records = dispatch_records(_read_parts(out, "ops"), env)
+        if records:
+            write_table(records, env["capability"], out, log)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check")
@@ -336,15 +352,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.update(TORCH_CUDA_ARCH_LIST=family, ALAST_FORCE_CUDA="1", MAX_JOBS=str(os.cpu_count() or 4))
         log.say(f"  {env['device']}, compute capability {family}: building for TORCH_CUDA_ARCH_LIST={family}")
     started = time.perf_counter()
-    results = run_parts(parts, out, args.budget, gpu, args.dry_run, log)
-
-    ops = _read_parts(out, "ops")
-    (out / "ops.json").write_text(json.dumps(ops, indent=1) + "\n")
-    (out / "training.json").write_text(json.dumps(_read_parts(out, "training"), indent=1) + "\n")
-    if gpu and not args.dry_run:
-        records = dispatch_records(ops, env)
-        if records:
-            write_table(records, env["capability"], out, log)
+    results = run_parts(parts, out, args.budget, gpu, args.dry_run, log,
+                        lambda part: update_table(part, out, env, log))
+    for stage in ("ops", "training"):
+        (out / f"{stage}.json").write_text(json.dumps(_read_parts(out, stage, remove=True), indent=1) + "\n")
     failed = [r["part"] for r in results if r["status"].startswith(("failed", "timed out"))
               or "dry run failed" in r["status"] or "dry run timed out" in r["status"]]
     dropped = [r["part"] for r in results if r["status"].startswith("dropped")]

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,15 +35,18 @@ def _backends():
             {name: backend.import_error(name) for name, module in loaded.items() if module is None})
 
 
-def measure(shape: Shape, repeats: int, device: str = "cuda", warmup: int = 2, inner: int = INNER) -> dict:
+def measure(shape: Shape, repeats: int, device: str = "cuda", warmup: int = 2, inner: int = INNER,
+            progress: Callable[[dict], None] = lambda result: None) -> dict:
     """Every backend's time for every op at ``shape`` in each of :data:`DTYPES`: the median of ``repeats``
     timings of ``inner`` calls after ``warmup`` rounds (``device="cpu"`` only for the tests' smoke run, under
-    the Triton interpreter and the CUDA emulation)."""
+    the Triton interpreter and the CUDA emulation). ``progress(result so far)`` is called after each case,
+    so that a run stopped at its deadline keeps what it timed."""
     from alast_kernels.measure import median_seconds
 
     shape_name = shape.name
     backends, missing = _backends()
     cases = []
+    result = {"cases": cases, "backends_missing": missing, "inner": inner, "repeats": repeats}
     for dtype_name, dtype in DTYPES.items():
         calls = {name: op_calls(ops, shape, dtype, device) for name, ops in backends.items()}
         for op in calls["reference"]:
@@ -66,7 +70,8 @@ def measure(shape: Shape, repeats: int, device: str = "cuda", warmup: int = 2, i
             print(f"  {shape_name} {dtype_name:<8} {op:<18} {times}"
                   + (f"  errors: {sorted(errors)}" if errors else "")
                   + f"  ({time.perf_counter() - started:.1f} s)", flush=True)
-    return {"cases": cases, "backends_missing": missing, "inner": inner, "repeats": repeats}
+            progress(result)
+    return result
 
 
 def plan(shape_name: str) -> dict:
@@ -86,12 +91,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     result = {"shape": SHAPES[args.shape].as_dict(), "dtypes": list(DTYPES)}
+
+    def write(partial: dict) -> None:
+        args.out.write_text(json.dumps({**result, **partial}, indent=1) + "\n")
+
     if args.dry_run or not torch.cuda.is_available():
         result.update(plan(args.shape), skipped="dry run" if args.dry_run else "no CUDA device")
     else:
-        result.update(measure(SHAPES[args.shape], args.repeats), device=torch.cuda.get_device_name(),
+        result.update(device=torch.cuda.get_device_name(),
                       capability=".".join(map(str, torch.cuda.get_device_capability())))
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+        result.update(measure(SHAPES[args.shape], args.repeats, progress=write))
+    write({})
     failed = [(c["op"], c["dtype"], sorted(c["errors"])) for c in result.get("cases", []) if c["errors"]]
     if failed:  # timed what ran, then fail the part: a kernel that raises on a GPU is a bug to see
         print(f"gpu_ops: calls that raised (op, dtype, backends): {failed}")

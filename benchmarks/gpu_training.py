@@ -90,6 +90,15 @@ def measure(names, repeats: int) -> dict:
     return {"methods": rows, "repeats": repeats}
 
 
+def auto_choices() -> list:
+    """``python -m alast_kernels.info``'s lines on what ``auto`` takes per op on this GPU and why."""
+    from alast_kernels import backend, info
+    from alast_kernels.backends import measured
+    family = measured.current_family()
+    modules = {name: backend.load(name) for name in backend.BACKENDS}
+    return info.auto_lines(modules, family, torch.cuda.get_device_name() if family else "")
+
+
 def check_names(names) -> None:
     import timm
 
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
     names = ak.methods.available() if args.methods == "all" else args.methods.split(",")
     check_names(names)
     result = {"model": MODEL, "batch": BATCH, "image": IMAGE, "dtype": "bfloat16 autocast", "options": OPTIONS,
-              "backend": ak.get_backend()}
+              "backend": ak.get_backend(), "auto_on_cuda": auto_choices()}
     if args.dry_run or not torch.cuda.is_available():
         result.update(methods={n: None for n in names}, skipped="dry run" if args.dry_run else "no CUDA device")
     else:

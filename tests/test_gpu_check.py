@@ -221,3 +221,21 @@ def test_the_table_keeps_other_records_and_other_families(tmp_path, monkeypatch,
     written = json.loads(table.read_text())
     assert written == json.loads((out / "gpu_dispatch.json").read_text())
     assert written["records"] == {"8.0": {"attention": old}, "9.0": {"select_tokens": old, "attention": new}}
+
+
+def test_after_an_op_part_the_table_is_updated_from_what_was_timed(tmp_path, monkeypatch, gc):
+    table = tmp_path / "gpu_dispatch.json"
+    table.write_text(json.dumps({"records": {}}))
+    monkeypatch.setattr(gc, "TABLE", table)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ops_vit_b16.part.json").write_text(json.dumps({"cases": [
+        _case("fuse_tokens", "bfloat16", {"reference": 9.0, "triton": 3.0})]}))
+    env = {"device": "NVIDIA H200", "capability": "9.0", "date": "d", "commit": "c", "torch": "t"}
+    log = gc.Log(out / "gpu-check.log")
+    gc.update_table(gc._training("x", "full", 1), out, env, log)  # not an op part: nothing written
+    assert json.loads(table.read_text()) == {"records": {}}
+    gc.update_table(gc._ops("vit_b16"), out, env, log)
+    assert json.loads(table.read_text())["records"]["9.0"]["fuse_tokens"]["order"] == ["triton", "reference"]
+    assert (out / "ops_vit_b16.part.json").exists()  # merged into ops.json only at the end
+    measured.validate(json.loads((out / "gpu_dispatch.json").read_text()), "out")
