@@ -36,6 +36,8 @@ SHAPES: Dict[str, Shape] = {
 }
 # Small enough for compute-sanitizer and CPU dry runs; 37 tokens and width 96 are no multiple of any tile.
 TINY = Shape("tiny", B=2, N=37, D=96, H=2, keep=16)
+# Rows of 180 bytes in 16-bit dtypes: no multiple of 16, so the CUDA kernels' scalar (unvectorised) paths.
+ODD_WIDTH = Shape("odd_width", B=2, N=37, D=90, H=2, keep=16)
 DTYPES: Dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Ops whose calls in a training step take no gradient (scores and the selection they feed).
 FORWARD_ONLY = ("select_tokens", "cls_scores")

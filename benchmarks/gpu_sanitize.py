@@ -4,7 +4,8 @@ compute-sanitizer's memcheck and racecheck (GPU check, stage "sanitizer").
 ``python benchmarks/gpu_sanitize.py --backend cuda [--dry-run]``
 
 Calls every op the backend implements itself (``gpu_cases.py``: forward and, where a training step takes
-gradients, backward) in bfloat16 and float32 at a shape that is no multiple of any tile, and, for the cuda
+gradients, backward) in bfloat16 and float32 at a shape that is no multiple of any tile, in bfloat16 with
+rows of 180 bytes (the CUDA kernels' unvectorised paths), and, for the cuda
 backend's selection, once more with a row longer than its shared-memory path (4096 scores). Run it with
 ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (the check does) so that every tensor is its own allocation and an
 access past its end is seen by memcheck rather than landing in the caching allocator's pool.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cases import TINY, op_calls, own_ops  # noqa: E402
+from gpu_cases import ODD_WIDTH, TINY, op_calls, own_ops  # noqa: E402
 
 LONG_ROW = 4097 + 64  # past the cuda select kernel's shared-memory path
 
@@ -31,8 +32,8 @@ def calls(name: str, device: str):
         raise RuntimeError(f"backend {name} could not be loaded: {backend.import_error(name)}")
     ops = own_ops(name, module.OPS, backend.load("reference").OPS)
     out = []
-    for dtype in (torch.bfloat16, torch.float32):
-        out += [(f"{op} {dtype}", fn) for op, fn in op_calls(ops, TINY, dtype, device).items()]
+    for shape, dtype in ((TINY, torch.bfloat16), (TINY, torch.float32), (ODD_WIDTH, torch.bfloat16)):
+        out += [(f"{op} {shape.name} {dtype}", fn) for op, fn in op_calls(ops, shape, dtype, device).items()]
     if "select_tokens" in ops:
         scores = torch.rand(2, LONG_ROW, device=device)
         out.append((f"select_tokens N={LONG_ROW}", lambda: ops["select_tokens"](scores, LONG_ROW // 3, 1)))

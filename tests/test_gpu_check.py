@@ -131,10 +131,11 @@ def test_every_ops_case_runs_on_the_reference_at_the_small_shape():
     """The closures the benchmarks time and the sanitizer runs are well formed (reference backend, CPU)."""
     cases = _load("gpu_cases")
     from alast_kernels.backends import reference
-    calls = cases.op_calls(reference.OPS, cases.TINY, torch.float32, "cpu")
-    assert set(calls) == set(reference.OPS)
-    for op, call in calls.items():
-        call()
+    for shape in (cases.TINY, cases.ODD_WIDTH):
+        calls = cases.op_calls(reference.OPS, shape, torch.float32, "cpu")
+        assert set(calls) == set(reference.OPS)
+        for op, call in calls.items():
+            call()
     with pytest.raises(KeyError, match="no case for op"):
         cases.op_calls({**reference.OPS, "new_op": None}, cases.TINY, torch.float32, "cpu")
 
@@ -239,3 +240,15 @@ def test_after_an_op_part_the_table_is_updated_from_what_was_timed(tmp_path, mon
     assert json.loads(table.read_text())["records"]["9.0"]["fuse_tokens"]["order"] == ["triton", "reference"]
     assert (out / "ops_vit_b16.part.json").exists()  # merged into ops.json only at the end
     measured.validate(json.loads((out / "gpu_dispatch.json").read_text()), "out")
+
+
+@pytest.mark.parametrize("name", ["cuda", pytest.param("triton", marks=pytest.mark.slow)])  # triton: ~20 s
+def test_every_call_of_the_sanitizer_script_runs_on_cpu_tensors(name, cuda):
+    """The program compute-sanitizer runs, with the kernels emulated (cuda) or interpreted (triton)."""
+    sanitize = _load("gpu_sanitize")
+    calls = sanitize.calls(name, "cpu")
+    from alast_kernels import backend
+    assert {label.split()[0] for label, _ in calls} == set(backend.load(name).OPS) - (
+        {"masked_linear"} if name == "triton" else set())  # triton's masked_linear is the reference's own
+    for label, call in calls:
+        call()
