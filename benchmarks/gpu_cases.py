@@ -50,7 +50,8 @@ def _backward(out, inputs):
 
 
 def op_calls(ops: Dict[str, Callable], shape: Shape, dtype: torch.dtype, device="cuda") -> Dict[str, Callable]:
-    """``{op: closure}`` for every op of ``ops`` (a backend's ``OPS``) at ``shape`` in ``dtype``."""
+    """``{case: closure}`` for every op of ``ops`` (a backend's ``OPS``) at ``shape`` in ``dtype``; a case is
+    named after its op (:func:`op_of`), with ``+variant`` where an op is called in two ways."""
     gen = torch.Generator(device=device).manual_seed(0)
     B, N, D, H, P = shape.B, shape.N, shape.D, shape.H, 1
     K, Dh = shape.keep + P, shape.D // shape.H
@@ -80,7 +81,8 @@ def op_calls(ops: Dict[str, Callable], shape: Shape, dtype: torch.dtype, device=
         "gather_tokens": lambda: _backward(ops["gather_tokens"](x, idx), [x]),
         "scatter_tokens": lambda: _backward(ops["scatter_tokens"](x, idx, delta), [x, delta]),
         "gather_layer_norm": lambda: _backward(ops["gather_layer_norm"](x, idx, ln_w, ln_b, 1e-6), [x, ln_w, ln_b]),
-        "attention": lambda: _backward(ops["attention"](q, k, v, scale, True), [kept_qkv]),
+        "attention": lambda: _backward(ops["attention"](q, k, v, scale, False), [kept_qkv]),
+        "attention+cls": lambda: _backward(ops["attention"](q, k, v, scale, True), [kept_qkv]),
         "cls_scores": lambda: ops["cls_scores"](x.detach(), ln_w.detach(), ln_b.detach(), qkv_w, qkv_b, H, 1e-6,
                                                 scale, None, None),
         "masked_linear": lambda: _backward(ops["masked_linear"](h, fc1_w, fc1_b, True), [h, fc1_w, fc1_b]),
@@ -89,10 +91,16 @@ def op_calls(ops: Dict[str, Callable], shape: Shape, dtype: torch.dtype, device=
         "fuse_tokens": lambda: _backward(ops["fuse_tokens"](x, scores, shape.keep, P), [x]),
         "query_attention": lambda: _backward(ops["query_attention"](queries, frozen_k, frozen_v, scale), [queries]),
     }
-    unknown = set(ops) - set(calls)
+    unknown = set(ops) - {op_of(case) for case in calls}
     if unknown:  # a new op must get its case here, or the GPU check would silently leave it out
         raise KeyError(f"gpu_cases.op_calls: no case for op(s) {sorted(unknown)}")
-    return {op: calls[op] for op in ops}
+    return {case: call for case, call in calls.items() if op_of(case) in ops}
+
+
+def op_of(case: str) -> str:
+    """The op a case calls: ``"attention+cls"`` (attention returning the class-token row, as the token-fuse
+    methods call it) -> ``"attention"``."""
+    return case.split("+")[0]
 
 
 def own_ops(name: str, ops: Dict[str, Callable], reference_ops: Dict[str, Callable]) -> Dict[str, Callable]:

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cases import DTYPES, SHAPES, TINY, Shape, op_calls, own_ops  # noqa: E402
+from gpu_cases import DTYPES, SHAPES, TINY, Shape, op_calls, op_of, own_ops  # noqa: E402
 
 INNER = 5
 
@@ -49,25 +49,25 @@ def measure(shape: Shape, repeats: int, device: str = "cuda", warmup: int = 2, i
     result = {"cases": cases, "backends_missing": missing, "inner": inner, "repeats": repeats}
     for dtype_name, dtype in DTYPES.items():
         calls = {name: op_calls(ops, shape, dtype, device) for name, ops in backends.items()}
-        for op in calls["reference"]:
+        for key in calls["reference"]:
             variants, errors = {}, {}
             for name in backends:
-                if op not in calls[name]:
+                if key not in calls[name]:
                     continue
                 try:  # first call: compiles (Triton) and checks that it runs at all
-                    calls[name][op]()
+                    calls[name][key]()
                     if device == "cuda":
                         torch.cuda.synchronize()
-                    variants[name] = calls[name][op]
+                    variants[name] = calls[name][key]
                 except Exception as exc:  # recorded and reported: a kernel that fails is not trusted
                     errors[name] = f"{type(exc).__name__}: {exc}"[:500]
             started = time.perf_counter()
             seconds = median_seconds(list(variants.values()), repeats=repeats, warmup=warmup, inner=inner)
-            case = {"op": op, "dtype": dtype_name, "shape": shape_name,
+            case = {"op": op_of(key), "call": key, "dtype": dtype_name, "shape": shape_name,
                     "median_us": {name: s * 1e6 for name, s in zip(variants, seconds)}, "errors": errors}
             cases.append(case)
             times = ", ".join(f"{n} {us:.1f} us" for n, us in case["median_us"].items())
-            print(f"  {shape_name} {dtype_name:<8} {op:<18} {times}"
+            print(f"  {shape_name} {dtype_name:<8} {key:<18} {times}"
                   + (f"  errors: {sorted(errors)}" if errors else "")
                   + f"  ({time.perf_counter() - started:.1f} s)", flush=True)
             progress(result)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                       capability=".".join(map(str, torch.cuda.get_device_capability())))
         result.update(measure(SHAPES[args.shape], args.repeats, progress=write))
     write({})
-    failed = [(c["op"], c["dtype"], sorted(c["errors"])) for c in result.get("cases", []) if c["errors"]]
+    failed = [(c["call"], c["dtype"], sorted(c["errors"])) for c in result.get("cases", []) if c["errors"]]
     if failed:  # timed what ran, then fail the part: a kernel that raises on a GPU is a bug to see
         print(f"gpu_ops: calls that raised (op, dtype, backends): {failed}")
     return 1 if failed else 0

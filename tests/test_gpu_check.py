@@ -133,7 +133,8 @@ def test_every_ops_case_runs_on_the_reference_at_the_small_shape():
     from alast_kernels.backends import reference
     for shape in (cases.TINY, cases.ODD_WIDTH):
         calls = cases.op_calls(reference.OPS, shape, torch.float32, "cpu")
-        assert set(calls) == set(reference.OPS)
+        assert {cases.op_of(case) for case in calls} == set(reference.OPS)
+        assert set(calls) - set(reference.OPS) == {"attention+cls"}
         for op, call in calls.items():
             call()
     with pytest.raises(KeyError, match="no case for op"):
@@ -187,9 +188,10 @@ def test_op_benchmark_measures_every_backend_on_the_cpu_smoke(monkeypatch):
     monkeypatch.setattr(ops_script, "DTYPES", {"float16": torch.float16})
     smoke = cases.Shape("smoke", B=1, N=9, D=32, H=2, keep=4, queries=2)
     result = ops_script.measure(smoke, repeats=1, device="cpu", warmup=0, inner=1)
-    by_op = {c["op"]: c for c in result["cases"]}
+    by_op = {c["call"]: c for c in result["cases"]}
     from alast_kernels.backends import reference
-    assert set(by_op) == set(reference.OPS)
+    assert set(by_op) == set(reference.OPS) | {"attention+cls"}
+    assert by_op["attention+cls"]["op"] == "attention"
     for op, case in by_op.items():
         assert "reference" in case["median_us"] and case["errors"] == {}, (op, case)
         assert all(us > 0 for us in case["median_us"].values())
@@ -248,7 +250,7 @@ def test_every_call_of_the_sanitizer_script_runs_on_cpu_tensors(name, cuda):
     sanitize = _load("gpu_sanitize")
     calls = sanitize.calls(name, "cpu")
     from alast_kernels import backend
-    assert {label.split()[0] for label, _ in calls} == set(backend.load(name).OPS) - (
+    assert {label.split()[0].split("+")[0] for label, _ in calls} == set(backend.load(name).OPS) - (
         {"masked_linear"} if name == "triton" else set())  # triton's masked_linear is the reference's own
     for label, call in calls:
         call()
