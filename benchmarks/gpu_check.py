@@ -11,9 +11,9 @@ before each part, if the estimates of the parts left exceed the time left in ``-
 build included), the slowest parts left are dropped first, and each part is stopped at its deadline or
 when the budget runs out. Everything goes to ``--out``, at most 8 small files (``summary.json``: the
 environment, each part's status, time and what was dropped; ``gpu-check.log``: every command's output;
-``tests-gpu.xml``, ``tests-kernels.xml`` (JUnit), ``ops.json``, ``training.json``, ``gpu_dispatch.json``). The op timings update
-``alast_kernels/backends/gpu_dispatch.json`` (``auto``'s measured order, a copy of which is written to
-``--out``). Without a CUDA device, or with ``--dry-run``, every part runs its own dry run (no GPU touched)
+``tests-gpu.xml``, ``tests-kernels.xml`` (JUnit); ``ops.json``, ``training.json``, ``gpu_dispatch.json``).
+The op timings update ``alast_kernels/backends/gpu_dispatch.json`` (``auto``'s measured order; a copy is
+written to ``--out``). Without a CUDA device, or with ``--dry-run``, every part runs its own dry run (no GPU touched)
 and is reported as skipped; a broken part fails the dry run. Exit status 0 when every part that ran passed.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import importlib.util
 import json
-import traceback
 import math
 import os
 import platform
@@ -33,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -70,6 +70,7 @@ def run_main(script: Path, argv: List[str]) -> None:
     if spec is None or not script.is_file():
         raise FileNotFoundError(f"stage script {script} is missing")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an imported module has it (dataclasses look it up)
     spec.loader.exec_module(module)
     code = module.main(argv)
     if code:
@@ -122,7 +123,7 @@ PARTS: List[Part] = [
     Part("install", "build", 100, 300, droppable=False, echo=False,
          command=lambda out: [PY, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
                               "-v", "-e", str(ROOT)],
-         dry=_need("pip", "setuptools", "wheel", "torch", files=("setup.py", "pyproject.toml"))),
+         dry=_need("pip", "setuptools", "torch", files=("setup.py", "pyproject.toml"))),
     Part("tests-gpu", "tests", 45, 150, command=lambda out: _pytest("-m", "gpu", f"--junitxml={out / 'tests-gpu.xml'}",
                                                                       "tests"),
          dry=_need("pytest", files=("tests",))),
