@@ -79,14 +79,15 @@ def validate(table: object, source: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _table_at(path: str) -> dict:
+    if not Path(path).exists():
+        return {"records": {}}
     with open(path) as f:
         return validate(json.load(f), path)
 
 
 def table() -> dict:
-    """The committed table (read once); ``{"records": {}}`` when the file is absent."""
-    if not TABLE_PATH.exists():
-        return {"records": {}}
+    """The committed table, read once per process (every CUDA dispatch asks); ``{"records": {}}`` when the
+    file is absent."""
     return _table_at(str(TABLE_PATH))
 
 
