@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from alast_kernels import backend
 from alast_kernels.backends import measured
+
+# Loaded at collection, as tests/triton_testing.py does: Triton decides at a kernel's definition whether it
+# is interpreted, so the backend must first be imported while TRITON_INTERPRET=1 (a test elsewhere that
+# unsets it must not be the first to import it).
+backend.load("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"build", "tests", "sanitizer", "ops", "training"}
@@ -78,6 +84,11 @@ def test_only_selects_parts_and_rejects_unknown_names(tmp_path, gc):
     assert gc.main(["--dry-run", "--out", str(tmp_path), "--only", "ops-vit_s16"]) == 0
     parts = [r["part"] for r in json.loads((tmp_path / "summary.json").read_text())["parts"]]
     assert parts == ["install", "ops-vit_s16"]  # the install is never left out
+    # without --dry-run on a machine without a GPU: the same dry runs, said to be for want of a device
+    assert gc.main(["--out", str(tmp_path), "--only", "ops-vit_s16"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "dry run (no CUDA device)"
+    assert {r["status"] for r in summary["parts"]} == {"skipped (no CUDA device); its dry run passed"}
     with pytest.raises(SystemExit):
         gc.main(["--dry-run", "--out", str(tmp_path), "--only", "opz"])
 
@@ -249,7 +260,6 @@ def test_every_call_of_the_sanitizer_script_runs_on_cpu_tensors(name, cuda):
     """The program compute-sanitizer runs, with the kernels emulated (cuda) or interpreted (triton)."""
     sanitize = _load("gpu_sanitize")
     calls = sanitize.calls(name, "cpu")
-    from alast_kernels import backend
     assert {label.split()[0].split("+")[0] for label, _ in calls} == set(backend.load(name).OPS) - (
         {"masked_linear"} if name == "triton" else set())  # triton's masked_linear is the reference's own
     for label, call in calls:
