@@ -264,3 +264,35 @@ def test_every_call_of_the_sanitizer_script_runs_on_cpu_tensors(name, cuda):
         {"masked_linear"} if name == "triton" else set())  # triton's masked_linear is the reference's own
     for label, call in calls:
         call()
+
+
+def test_a_gpu_run_end_to_end_with_simulated_parts(tmp_path, monkeypatch, gc):
+    """main() on a (simulated) GPU: the build environment is set, the parts run, the op part's timings make
+    the table, the part files are merged, and the summary says what ran."""
+    for name in ("TORCH_CUDA_ARCH_LIST", "ALAST_FORCE_CUDA", "MAX_JOBS"):
+        monkeypatch.setenv(name, "restored after the test")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    env = {"device": "NVIDIA H200", "capability": "9.0", "date": "2026-12-02 17:00 UTC", "commit": "abc",
+           "torch": "2.11.0"}
+    monkeypatch.setattr(gc, "environment", lambda gpu: dict(env))
+    table = tmp_path / "gpu_dispatch.json"
+    table.write_text(json.dumps({"records": {}}))
+    monkeypatch.setattr(gc, "TABLE", table)
+    cases = [_case("gather_tokens", "bfloat16", {"reference": 30.0, "cuda": 10.0})]
+    write_ops = (f"import json, os; json.dump({{'cases': {cases!r}}}, "
+                 "open(os.path.join(os.environ['OUT_DIR'], 'ops_vit_b16.part.json'), 'w'))")
+    arch = "import os; assert os.environ['TORCH_CUDA_ARCH_LIST'] == '9.0' and os.environ['ALAST_FORCE_CUDA'] == '1'"
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT_DIR", str(out))
+    monkeypatch.setattr(gc, "PARTS", [
+        gc.Part("install", "build", 1, 30, lambda o: [sys.executable, "-c", arch], lambda o: None, droppable=False),
+        gc.Part("ops-vit_b16", "ops", 1, 30, lambda o: [sys.executable, "-c", write_ops], lambda o: None),
+        gc.Part("training-x", "training", 1000, 30, lambda o: [sys.executable, "-c", "pass"], lambda o: None)])
+    assert gc.main(["--out", str(out), "--budget", "100"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "GPU run" and summary["failed"] == [] and summary["dropped"] == ["training-x"]
+    assert [r["status"] for r in summary["parts"]][:2] == ["passed", "passed"]
+    assert json.loads(table.read_text())["records"]["9.0"]["gather_tokens"]["order"] == ["cuda", "reference"]
+    assert json.loads((out / "ops.json").read_text()) == [{"cases": cases}]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.log", "gpu_dispatch.json", "ops.json",
+                                                     "summary.json", "training.json"]
