@@ -32,7 +32,6 @@ from .backends.support import Call, Supports, dtype_name
 BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
-
 _selected: Optional[str] = None
 _import_errors: Dict[str, str] = {}  # backends whose import failed, and why: not tried again
 _warned: set = set()
