@@ -14,7 +14,7 @@ ifneq ($(shell command -v nvcc 2>/dev/null),)
 export ALAST_FORCE_CUDA ?= 1
 endif
 
-.PHONY: venv demo test bench wheel clean gpu-resources backend-table
+.PHONY: venv demo test bench wheel clean gpu-resources backend-table gpu-check
 
 venv: $(STAMP)
 
@@ -55,6 +55,16 @@ gpu-resources: $(STAMP)
 # docs/ops.md's backend table, from the backends' declared capabilities.
 backend-table: $(STAMP)
 	$(PY) -c "import alast_kernels.info as info; info.write_readme_table('docs/ops.md')"
+
+# The GPU check (docs/gpu-check.md): on one CUDA GPU with a preinstalled torch and no network, installs this
+# tree into GPU_PYTHON (not .venv, which would fetch torch), builds for the present GPU only, runs the gpu
+# tests, compute-sanitizer, the op and training-step benchmarks within BUDGET seconds; results in OUT.
+# DRY_RUN=1 (or no GPU) runs every part's dry run instead and reports each as skipped.
+GPU_PYTHON ?= python3
+OUT ?= runs/gpu-check
+BUDGET ?= 480
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)" --budget $(BUDGET) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

@@ -18,6 +18,16 @@ import pytest  # noqa: E402
 from alast_kernels import _extension  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (``pytest -m gpu`` selects them) are skipped where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def cuda():
     """The cuda backend module (emulated on the CPU without a GPU); skips where it cannot be loaded."""

@@ -26,15 +26,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import backends as _package
+from .backends import measured
 from .backends.support import Call, Supports, dtype_name
 
 BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
-
-# `auto` tries these in order for tensors on a CUDA device; per-op entries override the default.
-# The order records which backend measured faster for each op (docs/backends.md, "Dispatch").
-AUTO_ORDER_CUDA: Dict[str, Tuple[str, ...]] = {}
-_DEFAULT_CUDA_ORDER: Tuple[str, ...] = ("cuda", "triton", "reference")
 
 _selected: Optional[str] = None
 _import_errors: Dict[str, str] = {}  # backends whose import failed, and why: not tried again
@@ -106,8 +102,10 @@ def refusal(name: str, op: str, call: Call) -> Optional[str]:
 
 
 def candidates(op: str, device: str, choice: str) -> Tuple[str, ...]:
-    """Backends to try, in order: the forced one first, then the ``auto`` order for ``device``."""
-    order = AUTO_ORDER_CUDA.get(op, _DEFAULT_CUDA_ORDER) if device == "cuda" else ("reference",)
+    """Backends to try, in order: the forced one first, then the ``auto`` order for ``device`` (on CUDA
+    tensors the measured order for the present GPU family, else the vendor-first default: see
+    :mod:`alast_kernels.backends.measured`)."""
+    order = measured.cuda_order(op, measured.current_family())[0] if device == "cuda" else ("reference",)
     if choice == "auto":
         return order
     return (choice,) + tuple(name for name in order if name != choice)

@@ -2,7 +2,8 @@
 
 Prints the build metadata (versions, what the compiled extension was built for, the switches that change
 what runs), each backend's availability on each kind of device and why not, the fine-tuning methods with
-their options, and the table of declared
+their options, which backend `auto` takes per op on CUDA tensors and why (a measured record or the
+vendor-first default, :mod:`alast_kernels.backends.measured`), and the table of declared
 capabilities (op × backend, from the backends' ``SUPPORTS``). ``--markdown`` prints only that table in
 the form the README shows; a test checks the README's copy equals it.
 
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import __version__, _cuda_emulation, _extension, backend
+from .backends import measured
 from .backends.support import Call, Supports
 
 SWITCHES = ("ALAST_BACKEND", "TRITON_INTERPRET", "ALAST_CUDA_EMULATION", "ALAST_CACHE_DIR")
@@ -74,19 +76,40 @@ def availability_lines(modules: Dict[str, object]) -> List[str]:
     return lines
 
 
+def auto_lines(modules: Dict[str, object], family: Optional[str] = None, device: str = "") -> List[str]:
+    """Which backend ``auto`` takes per op for bfloat16 CUDA tensors of GPU family ``family`` (the compute
+    capability, ``None``: no GPU; ``device`` its name) and why: a measured record of the table, or the
+    vendor-first default."""
+    if family is None:
+        head = "no CUDA device visible: the defaults without a measurement"
+        measured_families = sorted(measured.table()["records"])
+        if measured_families:
+            head += f" (the table has records for compute capability {', '.join(measured_families)})"
+    else:
+        head = f"{device}, compute capability {family}"
+    lines = [f"auto on CUDA tensors ({head}; table: {measured.TABLE_PATH.name}):"]
+    for op in modules["reference"].OPS:
+        order, why = measured.cuda_order(op, family)
+        lines.append(f"  {op:<18} {_declared_choice(modules, op, Call('cuda', 'bfloat16'), order) or '-':<10} {why}")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ capability table
-def _declared_choice(modules, op: str, call: Call) -> Optional[str]:
-    """The backend ``auto`` takes for ``call`` by the declarations alone (every backend assumed usable)."""
-    for name in backend.candidates(op, call.device, "auto"):
+def _declared_choice(modules, op: str, call: Call, order) -> Optional[str]:
+    """The backend of ``order`` that ``auto`` takes for ``call`` by the declarations alone (every backend
+    assumed usable; a backend that could not be imported is passed over)."""
+    for name in order:
         module = modules[name]
-        if op in module.OPS and not backend.declaration(module, op).refusals(call):
+        if module is not None and op in module.OPS and not backend.declaration(module, op).refusals(call):
             return name
     return None
 
 
 def _auto_cell(modules, op: str) -> str:
-    """``auto``'s choice on CUDA tensors, and where the calls a kernel declines go instead."""
-    chosen = _declared_choice(modules, op, Call("cuda", "bfloat16"))
+    """``auto``'s choice on CUDA tensors without a measured record (the table documents the default, the
+    same on every machine), and where the calls a kernel declines go instead."""
+    order = measured.cuda_order(op, None)[0]
+    chosen = _declared_choice(modules, op, Call("cuda", "bfloat16"), order)
     limits = backend.declaration(modules[chosen], op)
     exceptions = []
     probes = [("float64", Call("cuda", "float64"))]
@@ -97,7 +120,7 @@ def _auto_cell(modules, op: str) -> str:
     if limits.max_queries is not None:
         probes.append((f"> {limits.max_queries} queries", Call("cuda", "bfloat16", queries=limits.max_queries + 1)))
     for label, call in probes:
-        other = _declared_choice(modules, op, call)
+        other = _declared_choice(modules, op, call, order)
         if other != chosen:
             exceptions.append(f"{other} for {label}")
     return chosen + (f" ({'; '.join(exceptions)})" if exceptions else "")
@@ -121,8 +144,8 @@ def markdown_table(modules: Optional[Dict[str, object]] = None) -> str:
     names = list(modules)
     rows = ["| op | " + " | ".join(names) + " | `auto` on CUDA tensors |",
             "|---" * (len(names) + 2) + "|",
-            "| *runs on* | " + " | ".join(modules[n].DEVICES_NOTE for n in names) + " | cuda, then triton, then "
-            "reference |",
+            "| *runs on* | " + " | ".join(modules[n].DEVICES_NOTE for n in names) + " | unmeasured: the vendor path "
+            "(reference) where one exists, else cuda, then triton, then reference |",
             "| *dtypes* | " + " | ".join(modules[n].DEFAULT_SUPPORT.describe() for n in names) + " | |"]
     for op in modules["reference"].OPS:  # every op has a reference implementation
         cells = " | ".join(_cell(modules[n], op) for n in names)
@@ -173,6 +196,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("\n".join(availability_lines(modules)))
     print()
     print("\n".join(method_lines()))
+    print()
+    family = measured.current_family()
+    print("\n".join(auto_lines(modules, family, torch.cuda.get_device_name() if family else "")))
     print()
     print("declared capabilities (what each backend's implementation runs; the dispatcher's input):")
     try:

@@ -6,7 +6,8 @@ import torch
 
 from alast_kernels import backend
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The `gpu` marker: `pytest -m gpu` selects these (make gpu-check); skipped without a CUDA device (conftest.py).
+requires_gpu = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)

@@ -206,17 +206,17 @@ def test_auto_on_cuda_tensors_follows_the_order_and_warns_only_when_it_ends_on_t
     everywhere = Supports(devices=("cuda",))
     _install(monkeypatch, "cuda", fake_backend({"gather_tokens": None}, default=everywhere))
     _install(monkeypatch, "triton", fake_backend(
-        {"gather_tokens": None, "attention": None}, default=replace_support(everywhere, max_head_dim=128)))
+        {"gather_tokens": None, "gather_layer_norm": None}, default=replace_support(everywhere, max_head_dim=128)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert backend._choose("gather_tokens", "cuda", "float32", (), "auto") == "cuda"
-        assert backend._choose("attention", "cuda", "float32", (("head_dim", 64),), "auto") == "triton"
-        assert _runtime_warnings(caught) == []  # cuda has no attention kernel: not a fallback
-        assert backend._choose("attention", "cuda", "float32", (("head_dim", 160),), "auto") == "reference"
-        assert backend._choose("attention", "cuda", "float32", (("head_dim", 160),), "auto") == "reference"
+        assert backend._choose("gather_layer_norm", "cuda", "float32", (("head_dim", 64),), "auto") == "triton"
+        assert _runtime_warnings(caught) == []  # cuda has no gather_layer_norm kernel: not a fallback
+        assert backend._choose("gather_layer_norm", "cuda", "float32", (("head_dim", 160),), "auto") == "reference"
+        assert backend._choose("gather_layer_norm", "cuda", "float32", (("head_dim", 160),), "auto") == "reference"
     assert _runtime_warnings(caught) == [
-        "alast_kernels: attention falls back to the reference backend (cuda: has no attention kernel; "
-        "triton: head dim 160 > 128)"]
+        "alast_kernels: gather_layer_norm falls back to the reference backend (cuda: has no gather_layer_norm "
+        "kernel; triton: head dim 160 > 128)"]
 
 
 def replace_support(support, **changes):
@@ -273,9 +273,9 @@ def test_capability_table_follows_the_declarations(monkeypatch):
     from alast_kernels import info
     modules = {name: backend.load(name) for name in backend.BACKENDS}
     triton = modules["triton"]
-    narrower = dict(triton.SUPPORTS, attention=replace(triton.SUPPORTS["attention"], max_head_dim=96))
+    narrower = dict(triton.SUPPORTS, fuse_tokens=replace(triton.SUPPORTS["fuse_tokens"], max_head_dim=96))
     monkeypatch.setattr(triton, "SUPPORTS", narrower)
-    row = next(line for line in info.markdown_table(modules).splitlines() if line.startswith("| `attention`"))
+    row = next(line for line in info.markdown_table(modules).splitlines() if line.startswith("| `fuse_tokens`"))
     assert "(head dim ≤ 96)" in row and row.endswith("| triton (reference for float64; reference for head dim > 96) |")
 
 

@@ -18,7 +18,7 @@ from tolerance import assert_flash_rule, max_error  # noqa: F401 (re-exported fo
 TRITON_OPS = triton_backend.OPS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Same rule as conftest's `requires_gpu`, defined here so test modules need not import conftest by name.
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_gpu = pytest.mark.gpu
 # The interpreter's bfloat16 and TF32 dots differ from a GPU's (docs/testing.md): bfloat16 is GPU-only.
 DTYPES = (torch.float32, torch.float16)
 
