@@ -61,7 +61,13 @@ def get_backend() -> str:
 
 
 def load(name: str):
-    """Backend module ``name``, imported once; ``None`` (with the reason kept) when it cannot be imported.
+    """Backend module ``name``, imported once; ``None`` (with the reason kept) when it is absent.
+
+    Absent means not installed or not built: the import raised ``ImportError`` for a module outside this
+    package (``triton`` missing or broken) or with no module named (the extension loader's "not built /
+    built for another torch / failed to load"). Any other failure — an ``ImportError`` naming one of this
+    package's own modules, an ``AttributeError``, a ``RuntimeError``, ... — is a bug in the backend and
+    propagates with its traceback, every time the backend is asked for, forced or under ``auto``.
 
     The imported module is an attribute of the ``alast_kernels.backends`` package, and that is where
     :func:`implementation` finds it: under ``torch.compile`` a module attribute is read as it is when the
@@ -72,9 +78,17 @@ def load(name: str):
         return module
     try:
         return importlib.import_module(f"alast_kernels.backends.{name}")
-    except Exception as exc:  # a missing triton, a failed extension load, ...: all mean "not available"
+    except ImportError as exc:
+        if not _absent(exc):
+            raise
         _import_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
+
+
+def _absent(exc: ImportError) -> bool:
+    """Whether an import failure means "not installed or not built" rather than a bug in this package."""
+    missing = exc.name  # the module that could not be found or imported from; None when not said
+    return missing is None or not (missing == __package__ or missing.startswith(f"{__package__}."))
 
 
 def import_error(name: str) -> Optional[str]:

@@ -177,7 +177,16 @@ class ViTBlock(Block):
 
     Its parts — :meth:`attend` (the attention branch), :meth:`feed_forward` (the MLP branch) and
     :meth:`token_scores` — are what other methods (token fuse, adapters) build their blocks from.
+
+    Under ``torch.jit.script`` and ``torch.fx`` symbolic tracing a block is timm's ``Block``: the graph
+    computes what timm's does, with timm's modules (no plan, no fused ops); a block with a plan applied
+    refuses to be scripted or traced.
     """
+
+    # Statistics read on the host: TorchScript must not compile them (it compiles properties by default),
+    # nor type the plan and statistics attributes, which its forward never reads.
+    __jit_unused_properties__ = ["alast_importance", "alast_keep"]
+    __jit_ignored_attributes__ = ["alast_plan", "alast_stats"]
 
     def __init__(self, dim: int, num_heads: int, *args, **kwargs):
         known = {k: v for k, v in kwargs.items() if k in _BLOCK_PARAMS}
@@ -215,6 +224,14 @@ class ViTBlock(Block):
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # A static condition to TorchScript: it compiles this branch and nothing after it (the plan,
+            # the op dispatch and the Python checks below are not scriptable).
+            return self._timm_forward(x, attn_mask, is_causal)
+        if isinstance(x, torch.fx.Proxy):
+            # Symbolic tracing cannot follow the shape checks and the op dispatch below: trace timm's Block.
+            self._check_no_plan("torch.fx symbolic tracing")
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         plan = self.alast_plan if self.training else None
         if attn_mask is not None or is_causal:
             if plan is not None:
@@ -244,6 +261,26 @@ class ViTBlock(Block):
             delta = delta_cls.float().pow(2).sum(-1).mean()
             self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, keep)]))
         return out
+
+    def _timm_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        """timm's ``Block.forward``, written out for TorchScript (which cannot call ``super().forward``).
+        ``tests/test_timm_model_tests.py`` checks that a scripted converted model gives timm's output."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _check_no_plan(self, what: str) -> None:
+        """``RuntimeError`` when a plan is applied: a scripted or traced graph is timm's Block and would
+        silently drop it."""
+        if self.training and self.alast_plan is not None:
+            raise RuntimeError(f"{what}: this ViTBlock has an ALaST plan applied (inside ALaST.step()), which a "
+                               f"scripted or traced graph cannot carry; script or trace outside a step, or call "
+                               f"ak.restore(model) first to get timm's Blocks back")
+
+    def __prepare_scriptable__(self) -> "ViTBlock":
+        # torch.jit.script calls this on every submodule before compiling: the block itself is scriptable
+        # (see forward), unless a plan is applied.
+        self._check_no_plan("torch.jit.script")
+        return self
 
     def _forward_tokens(self, x: torch.Tensor, keep: int, num_patches: int, train: bool, select: bool = False):
         """The block on the prefix and ``keep`` selected tokens; returns (output, class-token update).

@@ -28,8 +28,15 @@ class PlannedBlocks(nn.Sequential):
     """
 
     alast_planned: bool = False  # set by `ALaST.step()` for its duration
+    # Python-side state that a scripted forward never reads (and whose postponed annotation TorchScript
+    # cannot resolve once a step has set it on the instance).
+    __jit_ignored_attributes__ = ["alast_planned"]
 
     def forward(self, x):
+        if torch.jit.is_scripting():  # static to TorchScript: only this branch is compiled
+            for block in self:
+                x = block(x)
+            return x
         if self.alast_planned:
             return _blocks_one_by_one(self, x)
         return super().forward(x)

@@ -23,6 +23,8 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
+from .ops._checks import is_int, is_real
+
 __all__ = ["FeatureCache", "format_bytes", "image_fingerprints"]
 
 # Two fingerprints per image; coefficients below 2**31 times bytes below 2**8 summed over at most 2**24
@@ -92,10 +94,11 @@ class FeatureCache:
 
     def __init__(self, num_images: int, feature_shape: Sequence[int], dtype: torch.dtype,
                  device, max_bytes: int, what: str = "features"):
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        if not is_int(num_images) or num_images < 1:
             raise ValueError(f"num_images: expected an int >= 1, got {num_images!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or not max_bytes >= 0:
+        if not is_real(max_bytes) or not max_bytes >= 0:
             raise ValueError(f"max_bytes: expected a number of bytes >= 0, got {max_bytes!r}")
+        num_images, max_bytes = int(num_images), int(max_bytes) if is_int(max_bytes) else float(max_bytes)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         self.feature_shape = tuple(int(s) for s in feature_shape)

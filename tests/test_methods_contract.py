@@ -175,3 +175,112 @@ def test_methods_find_the_vit_inside_wrappers():
     assert method.vit is model and method.model is wrapper
     with pytest.raises(TypeError, match="VisionTransformer"):
         methods.create("full", torch.nn.Linear(3, 4))
+
+
+# ------------------------------------------------------------------------------ modes and refusals
+def _mode_of_backbone(name):
+    return methods.base._REGISTRY[name].backbone_training
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_checks_the_vits_own_mode(name):
+    # method.model may be a new module around the ViT: `vit.eval()` on the model the user passed in (or
+    # `vit.train()` on a frozen backbone kept in eval mode) does not show in method.model.training.
+    vit = tiny()
+    torch.manual_seed(100)
+    method = methods.create(name, vit)
+    method.model.train()
+    trains = _mode_of_backbone(name)
+    vit.train(not trains)
+    wrong = "eval" if trains else "training"
+    # (Where method.model is the ViT itself, the message says so of the model.)
+    with pytest.raises(RuntimeError, match=rf"{re.escape(name)}: .*(the ViT is in {wrong} mode|needs the model in "
+                                           rf"training mode)"):
+        with method.step():
+            pass
+    method.model.train()
+    vit.blocks[1].train(not trains)  # one block alone is enough, and is named
+    with pytest.raises(RuntimeError, match=r"blocks\.1 is in"):
+        with method.step():
+            pass
+    method.model.train()
+    train(method, batches(1))  # back in the right modes, it trains
+
+
+def _fingerprint(model):
+    """Everything a method's creation could change, as comparable values."""
+    modules = [(n, type(m), m.training, id(m), sorted(vars(m)), {k: len(v) for k, v in vars(m).items()
+                                                                 if isinstance(v, dict)})
+               for n, m in model.named_modules()]
+    params = [(n, id(p), p.requires_grad) for n, p in model.named_parameters()]
+    return modules, params
+
+
+def _users_model():
+    """A model as a user may hand it over: some parameters frozen, in training mode, with a hook."""
+    model = tiny()
+    model.cls_token.requires_grad_(False)
+    model.blocks[0].requires_grad_(False)
+    calls = []
+    handle = model.blocks[2].register_forward_hook(lambda module, args, out: calls.append(1))
+    return model, handle, calls
+
+
+def _assert_unchanged(model, before, handle, calls):
+    assert _fingerprint(model) == before[0]
+    for (n, p), value in zip(model.state_dict().items(), before[1].values()):
+        assert torch.equal(p, value), n
+    model.eval()
+    x = batches(1, seed=3)[0][0]
+    with torch.no_grad():
+        assert torch.equal(model(x), before[2](x))
+    assert calls  # the user's hook still runs ...
+    handle.remove()  # ... and its handle still removes it
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert not calls
+
+
+# A bad option per method, each refused after the method began changing the model where it can be.
+BAD_OPTIONS = {
+    "lora": {"target_modules": ("no_such_layer",)},
+    "alast": {"token_budget": 2},
+    "alast+lora": {"token_budget": 2},
+    "sparse_tuning": {"keep_rate": 2},
+    "evit": {"keep_rate": 0},
+    "losa": {"rank": 0},
+    "synqt": {"rank": 0},
+}
+
+
+def _state_before(model):
+    reference = copy.deepcopy(model).eval()
+    return _fingerprint(model), {k: v.clone() for k, v in model.state_dict().items()}, reference
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n in BAD_OPTIONS])
+def test_a_refused_option_leaves_the_model_as_it_was(name):
+    model, handle, calls = _users_model()
+    before = _state_before(model)
+    with pytest.raises(ValueError):
+        methods.create(name, model, **BAD_OPTIONS[name])
+    _assert_unchanged(model, before, handle, calls)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_creation_failing_after_all_its_changes_leaves_the_model_as_it_was(name, monkeypatch):
+    # The strongest case: the method's constructor does everything it does, then fails.
+    cls = methods.base._REGISTRY[name]
+    build = cls.__init__
+
+    def failing(self, model, **options):
+        build(self, model, **options)
+        raise RuntimeError("refused at the very end")
+
+    monkeypatch.setattr(cls, "__init__", failing)
+    model, handle, calls = _users_model()
+    before = _state_before(model)
+    with pytest.raises(RuntimeError, match="very end"):
+        methods.create(name, model)
+    _assert_unchanged(model, before, handle, calls)

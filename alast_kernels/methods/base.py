@@ -16,15 +16,18 @@ and its own state (:meth:`Method.state_dict`: schedules, budgets, generators —
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Type
 
 import torch
 import torch.nn as nn
 
+from ..ops._checks import is_int
 from ..vit import find_vit
 
-__all__ = ["Method", "register", "available", "create", "options_of", "set_trainable"]
+__all__ = ["Method", "ModelState", "register", "available", "create", "options_of", "set_trainable", "check_int"]
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -56,7 +59,15 @@ def create(name: str, model: nn.Module, **options) -> "Method":
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; {name} takes "
                         f"{', '.join(accepted) or 'no options'}")
-    return cls(model, **options)
+    before = ModelState(model) if isinstance(model, nn.Module) else None
+    try:
+        return cls(model, **options)
+    except BaseException:
+        # A method may refuse an option after it has already changed the model (requires_grad flags, blocks
+        # converted, peft adapters injected, eval mode): the refused creation must leave nothing behind.
+        if before is not None:
+            before.restore()
+        raise
 
 
 def options_of(cls: Type["Method"]) -> List[str]:
@@ -72,6 +83,47 @@ def options_of(cls: Type["Method"]) -> List[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return names
+
+
+def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    """``value`` (a Python or numpy integer) as an ``int`` in ``[low, high]`` (no upper bound when ``high`` is
+    ``None``); ``ValueError`` naming ``name`` otherwise."""
+    if not is_int(value) or value < low or (high is not None and value > high):
+        expected = f"an int in [{low}, {high}]" if high is not None else \
+            "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return int(value)
+
+
+class ModelState:
+    """Everything of ``model`` that building a method may change, captured so it can be put back exactly.
+
+    Per module: its class (``convert`` swaps it), its attributes (mode, ALaST state, what peft adds) and the
+    contents of its containers — children, parameters, buffers, hooks — restored into the same dict objects
+    so that hook handles taken before stay valid. Per parameter: ``requires_grad``. Tensor values are not
+    captured: no method writes into the weights it is given while it is being built.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._modules = []
+        for module in model.modules():
+            attrs = dict(vars(module))
+            contents = {key: copy.copy(value) for key, value in attrs.items() if isinstance(value, (dict, set, list))}
+            self._modules.append((module, type(module), attrs, contents))
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, cls, attrs, contents in self._modules:
+            module.__class__ = cls
+            current = vars(module)
+            current.clear()
+            current.update(attrs)
+            for key, saved in contents.items():
+                container = attrs[key]
+                container.clear()
+                (container.extend if isinstance(container, list) else container.update)(saved)
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
 
 
 def set_trainable(module: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
@@ -100,6 +152,18 @@ class Method:
     #: small added parts train (adapters, queries, side networks, heads: a larger learning rate suits them).
     trains_backbone: ClassVar[bool] = False
 
+    #: The mode the ViT's own modules run in during a step: training (dropout, drop-path on) for a method
+    #: that runs the backbone as part of what it trains; eval for a frozen feature extractor, which the
+    #: method's model keeps in eval mode (``FrozenBackboneModel.train``).
+    backbone_training: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "step" in vars(cls):
+            # Every method's step checks the modes first, whether it builds on `Method.step` or not (the
+            # ALaST methods hand over to the controller's own step).
+            cls.step = _checking_modes(vars(cls)["step"])
+
     def __init__(self, model: nn.Module):
         self.vit = find_vit(model)
         self.model = model
@@ -123,9 +187,23 @@ class Method:
         yield None
 
     def _check_training(self) -> None:
+        """``RuntimeError`` unless ``model`` is in training mode and every module of the ViT in
+        :attr:`backbone_training`'s mode. ``model`` may be a new module around the user's ViT, so a
+        ``vit.eval()`` on the model that was passed in does not show in ``model.training``."""
         if not self.model.training:
             raise RuntimeError(f"{self.name}: step() needs the model in training mode; call "
                                f"method.model.train() first")
+        wrong = next((name or "the ViT" for name, m in self.vit.named_modules()
+                      if m.training != self.backbone_training), None)
+        if wrong is None:
+            return
+        if self.backbone_training:
+            raise RuntimeError(f"{self.name}: step() needs the ViT in training mode, but {wrong} is in eval "
+                               f"mode (was .eval() called on the model passed in?); call method.model.train() "
+                               f"first")
+        raise RuntimeError(f"{self.name}: the frozen backbone runs in eval mode, but {wrong} is in training "
+                           f"mode (was .train() called on the model passed in?); call method.model.train(), "
+                           f"which keeps the backbone in eval mode")
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict:
@@ -139,3 +217,12 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, trainable={self.num_trainable():,})"
+
+
+def _checking_modes(step: Callable) -> Callable:
+    """``step`` that first checks the modes (:meth:`Method._check_training`)."""
+    @functools.wraps(step)
+    def checked(self: Method, *args, **kwargs):
+        self._check_training()
+        return step(self, *args, **kwargs)
+    return checked

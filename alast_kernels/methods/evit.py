@@ -10,16 +10,10 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import torch.nn as nn
 
-from .base import Method, register, set_trainable
+from .base import Method, check_int, register, set_trainable
 from .token_fuse import TokenFuseViT
 
 __all__ = ["EViT"]
-
-
-def _non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return value
 
 
 @register
@@ -45,8 +39,8 @@ class EViT(Method):
     def __init__(self, model: nn.Module, keep_rate: float = 0.7, fuse_layers: Optional[Sequence[int]] = None,
                  schedule_steps: int = 1000, warmup_steps: int = 0):
         super().__init__(model)
-        self.schedule_steps = _non_negative_int("schedule_steps", schedule_steps)
-        self.warmup_steps = _non_negative_int("warmup_steps", warmup_steps)
+        self.schedule_steps = check_int("schedule_steps", schedule_steps, 0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.model = TokenFuseViT(self.vit, fuse_layers, keep_rate, train_backbone=True)
         set_trainable(self.model, self.model.parameters())
         self.step_count = 0
@@ -68,7 +62,6 @@ class EViT(Method):
     def step(self, update: bool = True) -> Iterator[float]:
         """One optimizer step at this step's keep rate (yielded); on a clean exit with ``update`` the
         schedule advances. ``update=False`` leaves it where it was (for measuring a step)."""
-        self._check_training()
         self._apply_schedule()
         yield self.model.training_keep_rate
         if update:
@@ -90,5 +83,5 @@ class EViT(Method):
                   if state.get(k, "<missing>") != v]
         if differ:
             raise ValueError(f"state: saved by an evit method with {', '.join(differ)}")
-        self.step_count = _non_negative_int("state['step']", state.get("step"))
+        self.step_count = check_int("state['step']", state.get("step"), 0)
         self._apply_schedule()

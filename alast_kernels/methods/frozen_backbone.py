@@ -102,6 +102,7 @@ class FrozenBackboneMethod(Method):
     """
 
     model: FrozenBackboneModel
+    backbone_training = False
 
     def feature_cache_bytes(self, num_images: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes a feature cache of ``num_images`` images would take (features in ``dtype``, by default

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..vit import head, head_parameters, model_blocks
-from .base import register, set_trainable
+from .base import check_int, register, set_trainable
 from .frozen_backbone import Features, FrozenBackboneMethod, FrozenBackboneModel, token_count
 
 __all__ = ["LoSA", "LoSAModel", "LowRankMixer", "default_ranks"]
@@ -131,9 +131,8 @@ class LoSA(FrozenBackboneMethod):
         default_rank, default_token_rank = default_ranks(num_tokens, int(vit.embed_dim))
         rank = default_rank if rank is None else rank
         token_rank = default_token_rank if token_rank is None else token_rank
-        for name, value, limit in (("rank", rank, int(vit.embed_dim)), ("token_rank", token_rank, num_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                raise ValueError(f"{name}: expected an int in [1, {limit}], got {value!r}")
+        rank = check_int("rank", rank, 1, int(vit.embed_dim))
+        token_rank = check_int("token_rank", token_rank, 1, num_tokens)
         if not isinstance(recompute, bool):
             raise TypeError(f"recompute: expected a bool, got {recompute!r}")
         self.rank, self.token_rank = rank, token_rank

@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from ..ops._checks import is_int
 from ..vit import head_parameters, model_blocks
-from .base import Method, register, set_trainable
+from .base import Method, check_int, register, set_trainable
 from .token_fuse import TokenFuseViT
 
 __all__ = ["SparseTuning", "DenseAdapter", "SparseTuningViT"]
@@ -92,10 +93,9 @@ def _check_links(links) -> Tuple[int, ...]:
         values = tuple(links)
     except TypeError:
         values = None
-    if values is None or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values) \
-            or len(set(values)) != len(values):
+    if values is None or any(not is_int(k) or k < 1 for k in values) or len(set(values)) != len(values):
         raise ValueError(f"dense_links: expected distinct positive block offsets, got {links!r}")
-    return tuple(sorted(values))
+    return tuple(sorted(int(k) for k in values))
 
 
 @register
@@ -122,8 +122,7 @@ class SparseTuning(Method):
     def __init__(self, model: nn.Module, keep_rate: float = 0.7, fuse_layers: Optional[Sequence[int]] = None,
                  adapter_dim: int = 32, dense_links: Sequence[int] = (1, 3), head_batchnorm: bool = False):
         super().__init__(model)
-        if isinstance(adapter_dim, bool) or not isinstance(adapter_dim, int) or adapter_dim < 1:
-            raise ValueError(f"adapter_dim: expected a positive int, got {adapter_dim!r}")
+        adapter_dim = check_int("adapter_dim", adapter_dim, 1)
         self.model = SparseTuningViT(self.vit, fuse_layers, keep_rate, adapter_dim, _check_links(dense_links),
                                      bool(head_batchnorm))
         set_trainable(self.model, [*self.model.adapters.parameters(), *head_parameters(self.vit)])

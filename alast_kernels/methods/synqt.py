@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 
 from .. import ops
 from ..vit import model_blocks
-from .base import register, set_trainable
+from .base import check_int, register, set_trainable
 from .frozen_backbone import Features, FrozenBackboneMethod, FrozenBackboneModel
 
 __all__ = ["SynQT", "SynQTModel", "QuerySynthesis", "SynQTHead"]
@@ -246,9 +246,8 @@ class SynQT(FrozenBackboneMethod):
         super().__init__(model)
         dim = int(self.vit.embed_dim)
         hidden = max(1, round(dim / 16)) if hidden is None else hidden
-        for name, value, limit in (("num_queries", num_queries, 128), ("hidden", hidden, dim), ("rank", rank, dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                raise ValueError(f"{name}: expected an int in [1, {limit}], got {value!r}")
+        num_queries, hidden, rank = (check_int(name, value, 1, limit) for name, value, limit in
+                                     (("num_queries", num_queries, 128), ("hidden", hidden, dim), ("rank", rank, dim)))
         self.num_queries, self.hidden, self.rank = num_queries, hidden, rank
         self.model = SynQTModel(self.vit, num_queries, hidden, rank)
         set_trainable(self.model, [*self.model.synthesis.parameters(), *self.model.head.parameters()])

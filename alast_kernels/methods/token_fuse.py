@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .. import ops
 from ..block import _keep_count
 from ..convert import convert
+from ..ops._checks import is_int, is_real
 from ..vit import embed, head, model_blocks, num_prefix_tokens
 
 __all__ = ["TokenFuseViT", "default_fuse_layers", "check_keep_rate", "check_fuse_layers"]
@@ -34,8 +35,7 @@ def default_fuse_layers(depth: int) -> Tuple[int, ...]:
 
 def check_keep_rate(value, name: str = "keep_rate") -> float:
     """``value`` as a float in (0, 1]; ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= 1:
+    if not is_real(value) or not math.isfinite(value) or not 0 < value <= 1:
         raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
     return float(value)
 
@@ -48,10 +48,9 @@ def check_fuse_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int,
         values = list(layers)
     except TypeError:
         values = None
-    if values is None or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < depth for v in values) \
-            or len(set(values)) != len(values):
+    if values is None or any(not is_int(v) or not 0 <= v < depth for v in values) or len(set(values)) != len(values):
         raise ValueError(f"fuse_layers: expected distinct block indices in [0, {depth}) or None, got {layers!r}")
-    return tuple(sorted(values))
+    return tuple(sorted(int(v) for v in values))
 
 
 class TokenFuseViT(nn.Module):

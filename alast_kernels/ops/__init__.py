@@ -37,7 +37,7 @@ def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int = 1) -> torch
     the selected tokens, all in ascending index order; equal scores go to the lower index.
     """
     _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.prefix_and_keep(num_prefix, keep, scores.shape[1])
+    num_prefix, keep = _checks.prefix_and_keep(num_prefix, keep, scores.shape[1])
     return _backend.implementation("select_tokens", scores.device, scores.dtype)(scores, keep, num_prefix)
 
 
@@ -54,7 +54,7 @@ def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: in
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=x.device)
     _checks.shape("scores", scores, x.shape[:2])
-    _checks.prefix_and_keep(num_prefix, keep, x.shape[1])
+    num_prefix, keep = _checks.prefix_and_keep(num_prefix, keep, x.shape[1])
     # float64 scores make it a float64 call: their selection must not go through float32 keys.
     impl = _backend.implementation("fuse_tokens", x.device, torch.promote_types(x.dtype, scores.dtype))
     return impl(x, scores.detach(), keep, num_prefix)
@@ -131,8 +131,9 @@ def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
     """
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     D = x.shape[2]
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or D % num_heads:
+    if not _checks.is_int(num_heads) or num_heads < 1 or D % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing D={D}, got {num_heads!r}")
+    num_heads = int(num_heads)
     _checks.tensor("qkv_weight", qkv_weight, ndim=2, device=x.device)
     _checks.shape("qkv_weight", qkv_weight, (3 * D, D))
     for name, p, n in (("norm_weight", norm_weight, D), ("norm_bias", norm_bias, D),
