@@ -273,10 +273,12 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
 
 
 def fine_tune(name: str, start: torch.nn.Module, train_set, test_set, args, device: torch.device, seed: int,
-              steps: int, show: bool, probes: int, rank: int = 0, world: int = 1) -> Dict:
-    """One run of method ``name`` from a copy of ``start``: training, accuracy, costs."""
+              steps: int, show: bool, probes: int, rank: int = 0, world: int = 1,
+              extra_options: Optional[Dict] = None) -> Dict:
+    """One run of method ``name`` from a copy of ``start``: training, accuracy, costs. ``extra_options``
+    override the method's options from the command line (the study's compute levels)."""
     torch.manual_seed(seed)
-    options = method_options(name, args, len(start.blocks), seed, steps)
+    options = {**method_options(name, args, len(start.blocks), seed, steps), **(extra_options or {})}
     method = ak.methods.create(name, copy.deepcopy(start), **options)
     model = method.model
     if world > 1:
