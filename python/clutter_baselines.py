@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dinov2_wheel  # noqa: E402
+import finetune  # noqa: E402
 from clutter_digits import clutter_task, target_patch_fraction  # noqa: E402
 from starting_weights import DEFAULT_CACHE  # noqa: E402
 
@@ -61,8 +61,7 @@ def main(argv=None) -> dict:
     train_src, test = clutter_task(args.img_size, seed=args.seed)
     train = train_src.fixed(args.seed + 7)  # every training digit once, seeded layout
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpu": platform.processor(), "threads": args.threads, "torch": torch.__version__,
-                          "timm": timm.__version__, "python": platform.python_version()},
+              "machine": finetune._machine(torch.device("cpu")),
               "img_size": args.img_size, "seed": args.seed, "train_images": len(train), "test_images": len(test),
               "patches": (args.img_size // dinov2_wheel.PATCH_SIZE) ** 2}
     record["patches_showing_target"] = target_patch_fraction(train_src, dinov2_wheel.PATCH_SIZE, seed=args.seed)
