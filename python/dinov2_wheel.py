@@ -204,10 +204,12 @@ class _Graph:
             if node.op_type == "Resize":
                 resize = node
             value = node.input[0]
-        attrs = {a.name: a for a in resize.attribute} if resize is not None else {}
         # The job resamples the grid itself (resample_position_grid); it must be the graph's resampling.
-        if resize is None or attrs["mode"].s != b"cubic" or abs(attrs["cubic_coeff_a"].f + 0.75) > 1e-6 \
-                or attrs["coordinate_transformation_mode"].s != b"half_pixel":
+        attrs = {a.name: a for a in resize.attribute} if resize is not None else {}
+        mode = attrs["mode"].s if "mode" in attrs else b"nearest"  # the ONNX defaults where unset
+        coords = attrs["coordinate_transformation_mode"].s if "coordinate_transformation_mode" in attrs else b"half_pixel"
+        coeff = attrs["cubic_coeff_a"].f if "cubic_coeff_a" in attrs else -0.75
+        if resize is None or mode != b"cubic" or coords != b"half_pixel" or abs(coeff + 0.75) > 1e-6:
             raise ValueError("graph: expected the patch positions resampled bicubic (a=-0.75, half-pixel)")
         return self.tensor(positions.input[0]), self.tensor(value)
 

@@ -20,6 +20,7 @@ def smoke(tmp_path_factory):
     return record, out, cache
 
 
+@pytest.mark.slow
 def test_record_and_plot(smoke):
     record, out, _ = smoke
     on_disk = json.load(open(out / "study.json"))
@@ -35,6 +36,7 @@ def test_record_and_plot(smoke):
     assert record["summary"]["full"]["accuracy"]["std"] >= 0
 
 
+@pytest.mark.slow
 def test_runs_are_the_jobs_runs(smoke):
     """Full fine-tuning in the study sees exactly the job's weights, split, head and batches at seed 0:
     the same per-step losses as ``finetune.py`` with the same options."""
