@@ -206,8 +206,13 @@ def _estimate(study, args, chosen, runs, overhead, seeds) -> Dict:
               f"{overhead[label][0]:5.1f} s besides training -> {seconds / 60:5.1f} min per run")
     print(f"projected: {len(per_run)} variants x {seeds} seeds x {args.steps} steps of batch {args.batch_size}: "
           f"{total / 60:.0f} min on {torch.get_num_threads()} thread(s)")
-    return {"per_run_seconds": per_run, "total_seconds": total, "seeds": seeds, "steps": args.steps,
-            "threads": torch.get_num_threads()}
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": finetune._machine(torch.device(args.device)), "per_run_seconds": per_run,
+              "median_step_seconds": {label: r[0]["median_step_seconds"] for label, r in runs.items()},
+              "total_seconds": total, "seeds": seeds, "steps": args.steps, "timed_steps": study.estimate_steps}
+    os.makedirs(study.out, exist_ok=True)
+    write_json(record, os.path.join(study.out, "study_estimate.json"))
+    return record
 
 
 def plot_study(record: Dict, path: str) -> None:

@@ -61,3 +61,15 @@ def test_every_token_method_at_three_levels():
     for family in ("alast", "alast-paper", "evit", "sparse_tuning"):
         assert len(families[family]) == 3
     assert {"full", "linear", "lora", "synqt", "losa"} <= set(families)
+
+
+@pytest.mark.slow
+def test_estimate_projects_from_measured_steps(smoke, tmp_path):
+    _, _, cache = smoke
+    est = study.run_study(["--smoke", "--estimate", "--estimate-steps", "3", "--variants", "full,linear", "--seeds",
+                           "3", "--threads", "1", "--cache-dir", cache, "--out", str(tmp_path)])
+    assert (tmp_path / "study_estimate.json").exists()
+    for label, seconds in est["per_run_seconds"].items():
+        # The study's steps at the measured median step, plus a run's measured cost besides training.
+        assert seconds > est["median_step_seconds"][label] * est["steps"] > 0
+    assert est["total_seconds"] == pytest.approx(3 * sum(est["per_run_seconds"].values()))
