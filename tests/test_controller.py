@@ -513,10 +513,11 @@ def test_model_without_class_token_raises():
 
 
 # ------------------------------------------------------------------------ gradient accumulation
-def test_micro_batches_in_one_step_accumulate_gradients_under_one_plan():
+@pytest.mark.parametrize("tokens,keep_ratios", [("carry", [0.5, 0.75, 1.0, 0.25]), ("drop", [1.0, 0.75, 0.5, 0.25])])
+def test_micro_batches_in_one_step_accumulate_gradients_under_one_plan(tokens, keep_ratios):
     model = tiny()
     ref = copy.deepcopy(model)
-    kwargs = dict(policy="fixed", keep_ratios=[0.5, 0.75, 1.0, 0.25], train=[False, True, True, True])
+    kwargs = dict(policy="fixed", keep_ratios=keep_ratios, train=[False, True, True, True], tokens=tokens)
     ctrl, ctrl_ref = ALaST(model, **kwargs), ALaST(ref, **kwargs)
     micro = batches(3, batch=2, seed=7)
     with ctrl.step():
@@ -725,11 +726,13 @@ def test_blocks_sharded_before_convert_are_refused_with_the_order_to_use(tmp_pat
         dist.destroy_process_group()
 
 
-def test_activation_checkpointing_gives_the_same_step():
+@pytest.mark.parametrize("kwargs", [dict(token_budget=0.5), dict(token_budget=0.5, tokens="drop"),
+                                    dict(policy="paper", alpha=0.5)], ids=["carry", "drop", "paper"])
+def test_activation_checkpointing_gives_the_same_step(kwargs):
     """timm's grad checkpointing recomputes each planned block in backward under the same plan."""
     model = tiny(qkv_bias=True)
     ref = copy.deepcopy(model)
-    ctrl, ctrl_ref = ALaST(model, token_budget=0.5, train_layers=2), ALaST(ref, token_budget=0.5, train_layers=2)
+    ctrl, ctrl_ref = ALaST(model, train_layers=2, **kwargs), ALaST(ref, train_layers=2, **kwargs)
     model.set_grad_checkpointing(True)
     for x, y in batches(3):
         for m, c in ((model, ctrl), (ref, ctrl_ref)):
