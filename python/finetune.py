@@ -56,6 +56,15 @@ ADAPTER_LR = 5e-3
 
 
 # ------------------------------------------------------------------------------------------- options
+class _Given(argparse.Action):
+    """Stores the value and records that the option was given (``<dest>_given``), so that a policy that
+    ignores it can refuse it even when it equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _number(kind, accept, expected: str, name: str):
     """An argparse ``type`` converting with ``kind`` and rejecting values ``accept`` refuses."""
     def parse(text: str):
@@ -143,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     alast.add_argument("--policy", choices=("alast", "paper", "fixed"), default="alast",
                        help="budget policy; 'fixed' keeps --token-budget in every layer and trains the "
                             "--train-layers deepest ones")
-    alast.add_argument("--token-budget", type=_fraction("token_budget"), default=0.5,
-                       help="mean fraction of patch tokens the blocks process, in (0, 1]")
+    alast.add_argument("--token-budget", type=_fraction("token_budget"), default=0.5, action=_Given,
+                       help="policy 'alast': mean fraction of patch tokens the blocks process, in (0, 1]")
+    alast.add_argument("--flop-budget", type=_fraction("flop_budget"), default=None,
+                       help="policy 'alast', instead of --token-budget: each step's forward+backward FLOPs as a "
+                            "fraction of full fine-tuning's, in (0, 1]")
+    alast.add_argument("--tokens", choices=("carry", "drop"), default=None,
+                       help="unkept tokens pass through a block ('carry') or are dropped for every later block "
+                            "('drop'); default: 'drop' for --policy paper, 'carry' otherwise")
     alast.add_argument("--train-layers", type=_positive, default=None,
                        help="blocks trained per step (default: ceil(0.75 * depth))")
     alast.add_argument("--min-keep", type=_fraction("min_keep"), default=0.2,
@@ -156,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="method alast: keep the patch/position embeddings and class token frozen (blocks below "
                             "the lowest trained one then run without a graph); by default they train, as in full "
                             "fine-tuning")
+    p.set_defaults(token_budget_given=False)
     out = p.add_argument_group("output")
     out.add_argument("--out", default=os.path.join("runs", "finetune"), help="output directory")
     out.add_argument("--probes", type=_positive, default=5, help="measured steps per run (FLOPs and memory)")
@@ -181,6 +197,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.methods = [n for n in names if n in available]
         if not args.methods:
             parser.error("--methods: expected at least one method")
+    if args.token_budget_given and args.policy == "paper":
+        parser.error("--token-budget: --policy paper ignores it (its keep ratios are its budgets); leave it out")
+    if args.flop_budget is not None and (args.policy != "alast" or args.token_budget_given):
+        parser.error("--flop-budget: only with --policy alast and without --token-budget (it replaces the token "
+                     "budget)")
     if args.sample and args.policy != "alast":
         parser.error(f"--sample: only with --policy alast ('paper' always samples, 'fixed' trains the blocks it is "
                      f"given), got --policy {args.policy}")
@@ -257,8 +278,16 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
         return {"schedule_steps": max(1, steps // 2)}
     if name not in ALAST_METHODS:
         return {}
-    options = {"token_budget": args.token_budget, "train_layers": args.train_layers, "policy": args.policy,
-               "min_keep": args.min_keep, "seed": seed}
+    options = {"train_layers": args.train_layers, "policy": args.policy, "seed": seed, "tokens": args.tokens}
+    if args.policy == "alast":
+        options["min_keep"] = args.min_keep
+        if args.flop_budget is not None:
+            options["flop_budget"] = args.flop_budget
+        else:
+            options["token_budget"] = args.token_budget
+    elif args.policy == "paper":
+        # The authors update the budgets at the optimizer's (peak) learning rate: the adapters' for alast+lora.
+        options["alpha"] = args.adapter_lr if name == "alast+lora" else args.lr
     if args.sample:
         options["sample"] = True
     if args.freeze_embeddings:
