@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -66,8 +67,9 @@ class BlockPlan:
 
     def __post_init__(self):
         r = self.keep_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or not 0 < r <= 1:
             raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
+        object.__setattr__(self, "keep_ratio", float(r))  # numpy scalars too
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens: expected one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}")
         if self.keep_rule not in KEEP_RULES:
@@ -77,9 +79,11 @@ class BlockPlan:
             raise ValueError(f"num_prefix: expected a positive int, got {P!r}")
         n = self.num_patches
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
                 raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
-            keep = keep_count(r, n, self.keep_rule, P)
+            n = int(n)
+            object.__setattr__(self, "num_patches", n)
+            keep = keep_count(self.keep_ratio, n, self.keep_rule, P)
             size = torch.empty(keep, 0)  # no storage: only its size matters
             torch._dynamo.maybe_mark_dynamic(size, 0)
             object.__setattr__(self, "keep", keep)

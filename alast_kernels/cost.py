@@ -10,7 +10,9 @@ counts and each block's kind of step:
   recomputes ``q·kᵀ`` and then takes four more products, 2.5 times the attention's forward);
 - a block with *no graph*: forward only.
 
-``tests/test_cost.py`` checks the count against FlopCounterMode over whole steps.
+``tests/test_cost.py`` checks the count against FlopCounterMode over whole steps. Adapters (LoRA) are not
+counted: a trained block is counted with full weight gradients, so an ``alast+lora`` plan stays under its
+budget by more than a full-weight one.
 """
 from __future__ import annotations
 
@@ -35,12 +37,18 @@ class ViTDims:
 
     @classmethod
     def of(cls, vit: nn.Module) -> "ViTDims":
+        """The sizes of ``vit``; ``NotImplementedError`` for a block MLP without an ``fc1`` linear layer."""
         blk = vit.blocks[0]
+        fc1 = getattr(blk.mlp, "fc1", None)
+        if not isinstance(fc1, nn.Module) or not hasattr(fc1, "out_features"):
+            raise NotImplementedError(f"flop_budget: the FLOP count knows timm's Mlp (fc1, fc2), not "
+                                      f"{type(blk.mlp).__name__}")
         proj = vit.patch_embed.proj
         Np = int(vit.patch_embed.num_patches)
-        head = vit.head if isinstance(vit.head, nn.Linear) else None
+        # The classifier: the head itself, or the linear layer inside a wrapper (peft's modules_to_save).
+        head = next((m for m in vit.head.modules() if isinstance(m, nn.Linear)), None)
         return cls(num_patches=Np, num_prefix=int(vit.num_prefix_tokens), width=int(vit.embed_dim),
-                   hidden=int(blk.mlp.fc1.out_features), heads=int(blk.attn.num_heads),
+                   hidden=int(fc1.out_features), heads=int(blk.attn.num_heads),
                    classes=0 if head is None else int(head.out_features),
                    patch_flops=2 * Np * proj.weight.numel())
 

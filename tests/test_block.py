@@ -377,6 +377,12 @@ def test_keep_count_rounding():
     assert BlockPlan(1.0).keep_count(13) == 13
 
 
+def test_block_plan_takes_numpy_scalars():
+    import numpy as np
+    plan = BlockPlan(np.float32(0.5), num_patches=np.int64(13))
+    assert plan.keep == 7 and type(plan.keep_ratio) is float and type(plan.num_patches) is int
+
+
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), True, "0.5"])
 def test_block_plan_rejects_bad_keep_ratio(bad):
     with pytest.raises(ValueError, match="keep_ratio"):
