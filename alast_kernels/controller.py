@@ -22,14 +22,13 @@ import torch
 import torch.nn as nn
 
 from . import cost, distributed, policies
-from .block import BlockPlan, ViTBlock, keep_count
+from .block import TOKEN_MODES, BlockPlan, ViTBlock, keep_count
 from .convert import convert
 from .vit import embedding_parameters, find_vit, model_blocks
 
 __all__ = ["ALaST", "StepPlan", "UNSET"]
 
 POLICIES = ("alast", "paper", "fixed")
-TOKEN_MODES = ("carry", "drop")
 # What a saved state must agree on with the controller that loads it.
 _CONFIG = ("policy", "num_layers", "token_budget", "flop_budget", "train_layers", "alpha", "min_keep", "sample",
            "train_embeddings", "tokens")
