@@ -2,14 +2,17 @@
 
 With no plan, or in ``eval()`` mode, a ``ViTBlock`` computes what timm's ``Block`` computes, through
 :mod:`alast_kernels.ops` so the fused kernels serve full fine-tuning too. With a plan (set by
-:class:`alast_kernels.ALaST`) in training mode it follows docs/alast.md §1: score tokens by the class token's
-attention, keep the prefix and the top-k others, run the block on those only, write the update back.
+:class:`alast_kernels.ALaST`) in training mode it follows docs/alast.md §1: in carry mode, score tokens by
+the class token's attention, keep the prefix and the top-k others, run the block on those only, write the
+update back; in drop mode, run the block on its whole input and pass on the prefix and the top-k others by
+the block's own class-token attention (the sequence shrinks through depth).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -27,52 +30,82 @@ from .backends.reference.attention import cls_probabilities
 __all__ = ["BlockPlan", "ViTBlock"]
 
 
+TOKEN_MODES = ("carry", "drop")
+KEEP_RULES = ("ceil", "paper")
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """What one block does this step.
 
-    keep_ratio: fraction of the non-prefix tokens the block processes, in (0, 1]; the count is
-        ``ceil(keep_ratio · Np)`` clamped to ``[1, Np]``.
+    keep_ratio: in (0, 1]. With ``tokens="carry"`` the fraction of the block's non-prefix input tokens it
+        selects and processes (the others pass through unchanged); with ``tokens="drop"`` the block processes
+        its whole input and the fraction of its non-prefix tokens it passes on to the next block (the others
+        are dropped for every later block), ranked by the block's own class-token attention.
     train: whether the block's parameters get gradients.
     grad_input: whether anything below the block needs the gradient of its input. A block with neither
         ``train`` nor ``grad_input`` runs without an autograd graph.
-    num_patches: the ``Np`` the plan is made for (the model's patch count), or ``None``. When given, the
+    num_patches: the non-prefix input token count ``Np`` the plan is made for, or ``None``. When given, the
         keep count is computed here, once, outside any code ``torch.compile`` traces, and reaches the block
         as the size of a tensor that is marked dynamic, so a compiled block neither sees the float ratio nor
         recompiles for every new count. An input with another ``Np`` (a model with dynamic image size) has
         its count computed from the ratio at forward time.
+    tokens: ``"carry"`` or ``"drop"`` (docs/alast.md §1).
+    keep_rule: how the ratio becomes a count: ``"ceil"``: ``ceil(keep_ratio · Np)``; ``"paper"`` (the
+        authors' rule): ``int(keep_ratio · (P + Np))``, the prefix counted; either clamped to ``[1, Np]``.
+    num_prefix: ``P``, the prefix tokens (class token first) the block always keeps; used by ``"paper"``.
     """
     keep_ratio: float = 1.0
     train: bool = True
     grad_input: bool = True
     num_patches: Optional[int] = None
+    tokens: str = "carry"
+    keep_rule: str = "ceil"
+    num_prefix: int = 1
     keep: Optional[int] = field(default=None, init=False)
     _keep_size: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         r = self.keep_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or not 0 < r <= 1:
             raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
+        object.__setattr__(self, "keep_ratio", float(r))  # numpy scalars too
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens: expected one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}")
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"keep_rule: expected one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
+        P = self.num_prefix
+        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+            raise ValueError(f"num_prefix: expected a positive int, got {P!r}")
         n = self.num_patches
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
                 raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
-            keep = _keep_count(r, n)
+            n = int(n)
+            object.__setattr__(self, "num_patches", n)
+            keep = keep_count(self.keep_ratio, n, self.keep_rule, P)
             size = torch.empty(keep, 0)  # no storage: only its size matters
             torch._dynamo.maybe_mark_dynamic(size, 0)
             object.__setattr__(self, "keep", keep)
             object.__setattr__(self, "_keep_size", size)
 
     def keep_count(self, num_patches: int) -> int:
-        """Patch tokens kept out of ``num_patches`` (a dynamic size under ``torch.compile``)."""
-        if num_patches == self.num_patches:
+        """Non-prefix tokens kept out of ``num_patches`` (a dynamic size under ``torch.compile``)."""
+        if self._keep_size is not None and (torch.compiler.is_compiling() or num_patches == self.num_patches):
+            # Compiled, the size is trusted without comparing: in drop mode every block sees another
+            # `num_patches`, and a guard on it would recompile the shared block code for each of them.
             return self._keep_size.shape[0]
-        return _keep_count(self.keep_ratio, num_patches)
+        return keep_count(self.keep_ratio, num_patches, self.keep_rule, self.num_prefix)
 
 
-def _keep_count(ratio: float, num_patches: int) -> int:
-    # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
-    return min(num_patches, max(1, math.ceil(ratio * num_patches - 1e-9)))
+def keep_count(ratio: float, num_patches: int, rule: str = "ceil", num_prefix: int = 1) -> int:
+    """Non-prefix tokens a plan keeps out of ``num_patches`` (see :class:`BlockPlan`'s ``keep_rule``)."""
+    if rule == "paper":
+        count = int(ratio * (num_prefix + num_patches))  # truncated, in float64, as the authors' code does
+    else:
+        # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
+        count = math.ceil(ratio * num_patches - 1e-9)
+    return min(num_patches, max(1, count))
 
 
 # Block keywords a ViTBlock honours; any other keyword Block has must keep its default value.
@@ -205,8 +238,9 @@ class ViTBlock(Block):
         """Set the ALaST state on a block (called by the constructor and by ``convert``)."""
         self.num_prefix_tokens = num_prefix_tokens
         self.alast_plan: Optional[BlockPlan] = None
-        # What the planned forwards of a step measured: float32 [Σ Δ, forwards, Σ keep], added to in place
-        # (so a compiled block records it without a guard on its value); reset by `ALaST.step()`.
+        # What the planned forwards of a step measured, float32, added to in place (so a compiled block
+        # records it without a guard on its value); reset by `ALaST.step()`:
+        # [Σ mean-over-images Δ, forwards, Σ non-prefix tokens processed, Σ summed-over-images Δ].
         self.alast_stats: Optional[torch.Tensor] = None
 
     @property
@@ -217,7 +251,7 @@ class ViTBlock(Block):
 
     @property
     def alast_keep(self) -> Optional[int]:
-        """Patch tokens the recorded planned forwards kept (their mean, rounded)."""
+        """Non-prefix tokens the recorded planned forwards processed (their mean, rounded)."""
         stats = self.alast_stats
         return None if stats is None or stats[1].item() == 0 else round((stats[2] / stats[1]).item())
 
@@ -249,17 +283,24 @@ class ViTBlock(Block):
 
         keep = plan.keep_count(num_patches)
         no_graph = not plan.train and not plan.grad_input
+        # Compiled, a planned block always selects: one graph for every keep count, `keep == Np` included.
+        select = torch.compiler.is_compiling()
         with torch.no_grad() if no_graph else contextlib.nullcontext():
             if not plan.grad_input:
                 x = x.detach()
-            # Compiled, a planned block always selects: one graph for every keep count, `keep == Np` included.
-            out, delta_cls = self._forward_tokens(x, keep, num_patches, train=plan.train,
-                                                  select=torch.compiler.is_compiling())
+            if plan.tokens == "drop":
+                out, delta_cls = self._forward_then_drop(x, keep, num_patches, plan.train, select)
+                processed = num_patches
+            else:
+                out, delta_cls = self._forward_tokens(x, keep, num_patches, train=plan.train, select=select)
+                processed = keep
         with torch.no_grad():
             if self.alast_stats is None:
-                self.alast_stats = torch.zeros(3, dtype=torch.float32, device=x.device)
-            delta = delta_cls.float().pow(2).sum(-1).mean()
-            self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, keep)]))
+                self.alast_stats = torch.zeros(4, dtype=torch.float32, device=x.device)
+            moved = delta_cls.float().pow(2).sum(-1)  # (B,) ‖c_out − c_in‖² per image
+            delta = moved.mean()
+            self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, processed),
+                                               moved.sum()]))
         return out
 
     def _timm_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
@@ -281,6 +322,19 @@ class ViTBlock(Block):
         # (see forward), unless a plan is applied.
         self._check_no_plan("torch.jit.script")
         return self
+
+    def _forward_then_drop(self, x: torch.Tensor, keep: int, num_patches: int, train: bool, select: bool):
+        """Drop mode: the block on all of ``x``, then the prefix and the ``keep`` non-prefix tokens its own
+        class-token attention row ranks highest, in index order; returns (``(B, P + keep, D)``, class-token
+        update). ``keep == num_patches`` passes every token on without selecting, unless ``select``."""
+        a, scores = self.attend(x, train, return_cls=True)
+        y = x + a
+        m = self.feed_forward(y, train)
+        out = y + m
+        if select or keep < num_patches:
+            idx = ops.select_tokens(scores, keep, self.num_prefix_tokens)
+            out = ops.gather_tokens(out, idx, check_indices=False)
+        return out, a[:, 0] + m[:, 0]
 
     def _forward_tokens(self, x: torch.Tensor, keep: int, num_patches: int, train: bool, select: bool = False):
         """The block on the prefix and ``keep`` selected tokens; returns (output, class-token update).

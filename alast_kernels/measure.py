@@ -25,10 +25,26 @@ _EXTRA_FORMULAS = {
 }
 
 
+class _NoModuleTracking:
+    """Stands in for ``FlopCounterMode``'s module tracker: all counts go to ``"Global"``, and no global module
+    hooks are installed. With those hooks every module looks observed, so a :class:`~alast_kernels.ViTBlock`
+    would call its modules instead of the fused ops (a class-token score would project every key): the count
+    would be of another computation than the one that runs."""
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating point operations of ``fn()`` as counted by ``torch.utils.flop_counter``: matmuls,
-    convolutions and attention (the CPU flash-attention kernels included)."""
+    convolutions and attention (the CPU flash-attention kernels included), of the code that runs when
+    nothing observes the modules (no per-module breakdown)."""
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    counter.mod_tracker = _NoModuleTracking()
     with counter:
         fn()
     return int(counter.get_total_flops())

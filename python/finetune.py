@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     alast.add_argument("--token-budget", type=_fraction("token_budget"), default=None,
                        help=f"mean fraction of patch tokens the blocks process, in (0, 1] (default: {TOKEN_BUDGET:g}); "
                             "not with --policy paper, which ignores it")
+    alast.add_argument("--flop-budget", type=_fraction("flop_budget"), default=None,
+                       help="policy 'alast', instead of --token-budget: each step's forward+backward FLOPs as a "
+                            "fraction of full fine-tuning's, in (0, 1]")
+    alast.add_argument("--tokens", choices=("carry", "drop"), default=None,
+                       help="unkept tokens pass through a block ('carry') or are dropped for every later block "
+                            "('drop'); default: 'drop' for --policy paper, 'carry' otherwise")
     alast.add_argument("--train-layers", type=_positive, default=None,
                        help="blocks trained per step (default: ceil(0.75 * depth))")
     alast.add_argument("--min-keep", type=_fraction("min_keep"), default=0.2,
@@ -195,6 +201,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if not args.methods:
             parser.error("--methods: expected at least one method")
     real_backbone.resolve(args, parser)
+    if args.flop_budget is not None and (args.policy != "alast" or args.token_budget is not None):
+        parser.error("--flop-budget: only with --policy alast and without --token-budget (it replaces the token "
+                     "budget)")
     if args.sample and args.policy != "alast":
         parser.error(f"--sample: only with --policy alast ('paper' always samples, 'fixed' trains the blocks it is "
                      f"given), got --policy {args.policy}")
@@ -202,9 +211,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.token_budget is not None:
             parser.error(f"--token-budget: --policy {args.policy} ignores it (its budgets adapt by themselves); "
                          "leave --token-budget out, or use --policy alast or fixed")
-    elif args.token_budget is None:
+    elif args.token_budget is None and args.flop_budget is None:
         args.token_budget = TOKEN_BUDGET
-    if args.policy == "alast" and args.min_keep > args.token_budget:
+    if args.policy == "alast" and args.token_budget is not None and args.min_keep > args.token_budget:
         parser.error(f"--min-keep: expected at most --token-budget={args.token_budget}, got {args.min_keep}")
     if args.data is not None and not os.path.isdir(args.data):
         parser.error(f"--data: expected a directory in ImageFolder layout, {args.data!r} is not a directory")
@@ -284,9 +293,16 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
         return {"schedule_steps": max(1, steps // 2)}
     if name not in ALAST_METHODS:
         return {}
-    options = {"train_layers": args.train_layers, "policy": args.policy, "min_keep": args.min_keep, "seed": seed}
-    if args.token_budget is not None:  # None: a policy that ignores it (parse_args refuses one given)
-        options["token_budget"] = args.token_budget
+    options = {"train_layers": args.train_layers, "policy": args.policy, "seed": seed, "tokens": args.tokens}
+    if args.policy == "alast":
+        options["min_keep"] = args.min_keep
+        if args.flop_budget is not None:
+            options["flop_budget"] = args.flop_budget
+        else:
+            options["token_budget"] = args.token_budget
+    elif args.policy == "paper":
+        # The authors update the budgets at the optimizer's (peak) learning rate: the adapters' for alast+lora.
+        options["alpha"] = args.adapter_lr if name == "alast+lora" else args.lr
     if args.sample:
         options["sample"] = True
     if args.freeze_embeddings:

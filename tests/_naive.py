@@ -293,3 +293,42 @@ def synqt_logits(model, images):
     r = r + _low_rank_mlp(head.adapter, r)
     weights = torch.cat([torch.ones(B, 1, dtype=torch.float64), torch.tanh(_linear(head.gate, r[:, 0]))], dim=1)
     return _linear(head.classifier, _norm(head.final_norm, (weights.unsqueeze(-1) * r).mean(dim=1)))
+
+
+def paper_block(blk, x, budget):
+    """One block of the authors' ALaST (Split-Learning_ADC ``methods/alast.py``) on ``(B, n, D)`` tokens, the
+    class token first: the block on every token, then the class token and the ``int(budget · n)`` other
+    tokens its own class-token attention row ranks highest. Returns (kept tokens, their indices into ``x``,
+    ``Δ = Σ_batch Σ_width (c_out − c_in)²``)."""
+    x = f64(x)
+    B, n, D = x.shape
+    attn = blk.attn
+    H = attn.num_heads
+    qkv = _linear(attn.qkv, _norm(blk.norm1, x))
+    q, k, v = (_heads(qkv[..., i * D:(i + 1) * D], H) for i in range(3))
+    o, cls_row = attention(q, k, v, attn.scale)
+    y = x + _layer_scale(blk.ls1, _linear(attn.proj, o.transpose(1, 2).reshape(B, n, D)))
+    h = _norm(blk.norm2, y)
+    out = y + _layer_scale(blk.ls2, mlp(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias, blk.mlp.fc2.weight,
+                                        blk.mlp.fc2.bias, "none"))
+    delta = ((out[:, 0] - x[:, 0]) ** 2).sum()
+    keep = min(int(budget * n), n - 1)
+    idx = select_tokens(cls_row, keep, 1)
+    kept = torch.stack([torch.stack([out[b, int(j)] for j in idx[b]]) for b in range(B)])
+    return kept, idx, delta
+
+
+def paper_vit(vit, images, budgets):
+    """The authors' training forward of a class-token ViT: returns (logits, per block its output tokens, the
+    original token indices they hold, Δ)."""
+    with torch.no_grad():
+        x = vit._pos_embed(vit.patch_embed(images))  # the embeddings are not what is re-derived here
+    x = f64(x)
+    B, N, _ = x.shape
+    origin = torch.arange(N).expand(B, N)
+    outputs, origins, deltas = [], [], []
+    for blk, budget in zip(vit.blocks, budgets):
+        x, idx, delta = paper_block(blk, x, budget)
+        origin = torch.stack([origin[b, idx[b]] for b in range(B)])
+        outputs.append(x), origins.append(origin), deltas.append(delta)
+    return vit_head(vit, x), outputs, origins, deltas

@@ -52,6 +52,7 @@ def main():
     p.add_argument("--sgd", action="store_true", help="SGD with momentum instead of AdamW")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the model)")
     p.add_argument("--freeze-embeddings", action="store_true", help="train_embeddings=False (they train by default)")
+    p.add_argument("--tokens", default=None, help="carry or drop (default: the policy's)")
     args = p.parse_args()
 
     dist.init_process_group("gloo")
@@ -68,8 +69,10 @@ def main():
         ddp = fully_shard(model, mesh=mesh)
     else:
         ddp = DDP(model, find_unused_parameters=True)
-    options = {"policy": args.policy, "sample": args.sample, "token_budget": 0.5, "train_layers": 2,
-               "alpha": 0.5, "seed": rank if args.seed_per_rank else 0}
+    options = {"policy": args.policy, "sample": args.sample, "train_layers": 2, "alpha": 0.5,
+               "seed": rank if args.seed_per_rank else 0, "tokens": args.tokens}
+    if args.policy == "alast":
+        options["token_budget"] = 0.5
     if args.freeze_embeddings:
         options["train_embeddings"] = False
     if args.policy == "fixed":

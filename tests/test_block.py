@@ -211,6 +211,63 @@ def test_selection_equals_timm_on_gathered_tokens(config, keep_ratio, num_prefix
     assert abs(blk.alast_importance.item() - delta.item()) <= 1e-4 * max(1.0, delta.item())
 
 
+def timm_then_dropped(ref, num_prefix, keep):
+    """timm's Block on every token, then the prefix and the ``keep`` others that the block's own class-token
+    attention (scored on its input, as the block computes it) ranks highest, in index order."""
+    def fn(x):
+        idx = naive.select_tokens(timm_scores(ref, x), keep, num_prefix)
+        y = ref(x)
+        return y[torch.arange(x.shape[0]).unsqueeze(1), idx]
+    return fn
+
+
+@pytest.mark.parametrize("config", ["default", "qk_norm", "layer_scale", "rms_norm", "relu"])
+@pytest.mark.parametrize("keep_ratio,num_prefix", [(0.5, 1), (0.2, 1), (0.4, 3), (1.0, 1)])
+@pytest.mark.parametrize("train", [True, False])
+def test_drop_mode_is_timm_then_the_top_tokens_by_its_own_attention(config, keep_ratio, num_prefix, train):
+    ref, blk = make_pair(config)
+    blk.init_alast(num_prefix_tokens=num_prefix)
+    num_patches = N - num_prefix
+    blk.alast_plan = BlockPlan(keep_ratio, train=train, num_patches=num_patches, tokens="drop")
+    x, _ = inputs()
+    keep = -(-int(round(keep_ratio * 100)) * num_patches // 100)
+    g = torch.randn(B, num_prefix + keep, D, generator=torch.Generator().manual_seed(3))
+    got = run(blk, blk, x, g)
+    want = run(timm_then_dropped(ref, num_prefix, keep), ref, x, g)
+    assert got[0].shape == (B, num_prefix + keep, D)
+    if train:
+        assert_same(got, want)
+    else:
+        assert all(grad is None for grad in got[2].values())
+        assert_same((got[0], got[1], {}), (want[0], want[1], {}))
+    assert blk.alast_keep == num_patches  # it processed its whole input
+    delta = ((want[0][:, 0].double() - x[:, 0].double()) ** 2).sum(-1)
+    assert abs(blk.alast_importance.item() - delta.mean().item()) <= 1e-4 * max(1.0, delta.mean().item())
+    assert abs(blk.alast_stats[3].item() - delta.sum().item()) <= 1e-4 * max(1.0, delta.sum().item())
+
+
+def test_drop_mode_without_graph_and_the_authors_keep_rule():
+    ref, blk = make_pair("qkv_bias")
+    # int(0.75 · (1 + 13)) = 10 of the 13 patch tokens go on.
+    blk.alast_plan = BlockPlan(0.75, train=False, grad_input=False, num_patches=13, tokens="drop", keep_rule="paper")
+    assert blk.alast_plan.keep == 10
+    x, _ = inputs()
+    out = blk(x.requires_grad_(True))
+    assert out.grad_fn is None and out.shape == (B, 11, D)
+    with torch.no_grad():
+        assert (out - timm_then_dropped(ref, 1, 10)(x)).abs().max().item() <= ATOL
+    # An input of another length (dynamic image size) counts at forward time by the same rule.
+    blk.alast_plan = BlockPlan(0.75, tokens="drop", keep_rule="paper")
+    assert blk(torch.randn(B, 9, D)).shape == (B, 1 + 6, D)  # int(0.75 · 9) = 6
+
+
+@pytest.mark.parametrize("kwargs,name", [({"tokens": "shrink"}, "tokens"), ({"keep_rule": "floor"}, "keep_rule"),
+                                         ({"num_prefix": 0}, "num_prefix"), ({"num_prefix": True}, "num_prefix")])
+def test_block_plan_rejects_bad_modes(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BlockPlan(0.5, **kwargs)
+
+
 @pytest.mark.parametrize("config", ["proj_drop", "all_dropout"])
 def test_selection_with_dropout_matches_timm_under_the_same_random_state(config):
     ref, blk = make_pair(config)
@@ -311,10 +368,19 @@ def test_frozen_plan_saves_less_for_backward(keep_ratio, keep):
 
 
 def test_keep_count_rounding():
+    assert BlockPlan(0.5, keep_rule="paper").keep_count(196) == 98  # int(0.5 · 197)
+    assert BlockPlan(0.9, keep_rule="paper").keep_count(196) == 177  # int(177.3)
+    assert BlockPlan(1.0, keep_rule="paper").keep_count(196) == 196  # at most every patch token
     assert BlockPlan(0.5).keep_count(196) == 98
     assert BlockPlan(0.6).keep_count(196) == 118  # ceil(117.6)
     assert BlockPlan(0.01).keep_count(13) == 1
     assert BlockPlan(1.0).keep_count(13) == 13
+
+
+def test_block_plan_takes_numpy_scalars():
+    import numpy as np
+    plan = BlockPlan(np.float32(0.5), num_patches=np.int64(13))
+    assert plan.keep == 7 and type(plan.keep_ratio) is float and type(plan.num_patches) is int
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), True, "0.5"])

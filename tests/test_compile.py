@@ -55,12 +55,15 @@ def train(model, ctrl, data, forward):
     return losses, keeps, trains
 
 
-@pytest.mark.parametrize("policy", ["alast", "paper"])
-def test_compiled_model_trains_like_eager_with_bounded_compilations(policy):
+@pytest.mark.parametrize("policy,options", [
+    ("alast", dict(token_budget=0.5, alpha=0.5, min_keep=0.2)),
+    ("alast", dict(token_budget=0.6, alpha=0.5, min_keep=0.2, tokens="drop", sample=True)),
+    ("paper", dict(alpha=0.5))], ids=["alast", "alast-drop", "paper"])
+def test_compiled_model_trains_like_eager_with_bounded_compilations(policy, options):
     torch._dynamo.reset()
     eager_model = tiny()
     model = copy.deepcopy(eager_model)
-    options = dict(policy=policy, token_budget=0.5, train_layers=2, alpha=0.5, min_keep=0.2)
+    options = dict(options, policy=policy, train_layers=2)
     eager_ctrl, ctrl = ak.ALaST(eager_model, **options), ak.ALaST(model, **options)
     compiled = torch.compile(model)
     data = batches(STEPS)

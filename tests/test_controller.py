@@ -89,9 +89,9 @@ def test_alast_update():
     assert policies.alast_update(b, [0.0] * 4, alpha) == [(1 - alpha) * v + alpha for v in b]
 
 
-def test_paper_update_clamps():
-    got = policies.paper_update([0.5, 0.9, 0.1, 0.5], [3.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.2], 0.5)
-    assert got == [1.0, 1.0, 0.0, pytest.approx(0.4)]
+def test_paper_update_clips_to_the_authors_range():
+    got = policies.paper_update([0.5, 0.9, 0.6, 0.7], [3.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.2], 0.5)
+    assert got == [1.0, 1.0, 0.5, pytest.approx(0.6)]
 
 
 def test_top_layers():
@@ -149,20 +149,26 @@ def test_alast_policy_through_the_controller():
 
 
 def test_paper_policy_through_the_controller():
+    """The authors' recurrence from the recorded Δ (tests/test_paper.py re-derives the Δ themselves)."""
     model = tiny()
-    ctrl = ALaST(model, policy="paper", alpha=0.5, min_keep=0.3, train_layers=2, seed=3)
+    ctrl = ALaST(model, policy="paper", alpha=0.02, train_layers=2, seed=3)
+    assert ctrl.tokens == "drop" and ctrl.budgets == [0.9] * L
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    plans, _ = train(model, ctrl, opt, batches(3))
-    budgets, previous = [1.0] * L, None
+    plans, _ = train(model, ctrl, opt, batches(3, batch=8))
+    budgets, previous = [0.9] * L, [0.0] * L
     for step, plan in enumerate(plans):
         assert plan.budgets == pytest.approx(budgets, abs=1e-12)
-        assert plan.keep_ratios == pytest.approx([max(b, 0.3) for b in budgets], abs=1e-12)
+        keep, expected = NP, []
+        for b in budgets:  # block l processes what block l-1 passed on: int(b · (1 + kept))
+            expected.append(keep)
+            keep = min(keep, int(b * (1 + keep)))
+        assert ctrl.history[step]["keep"] == expected
         assert sum(plan.train) == 2
         deltas = ctrl.history[step]["delta"]
-        if previous is not None:
-            budgets = [min(1.0, max(0.0, b + 0.5 * (d - p))) for b, d, p in zip(budgets, deltas, previous)]
+        budgets = [min(1.0, max(0.5, b + 0.02 * (d - p))) for b, d, p in zip(budgets, deltas, previous)]
         previous = deltas
-    assert ctrl.budgets == pytest.approx(budgets, abs=1e-12)
+    assert step == 2 and ctrl.budgets == pytest.approx(budgets, abs=1e-12)
+    assert ctrl.budgets != [0.9] * L  # the first step updated too (Δ_{-1} = 0)
 
 
 def run_sampled(seed, steps=5, model_seed=0):
@@ -181,9 +187,11 @@ def test_seeded_sampling_is_reproducible():
     assert [p.train for p in other] != [p.train for p in first]
 
 
-@pytest.mark.parametrize("policy", ["alast", "paper"])
-def test_resume_through_state_dict_makes_the_same_plans(policy):
-    kwargs = dict(policy=policy, token_budget=0.5, train_layers=2, sample=True, seed=4, alpha=0.4)
+@pytest.mark.parametrize("kwargs", [dict(policy="alast", token_budget=0.5, sample=True, alpha=0.4),
+                                    dict(policy="alast", flop_budget=0.6, sample=True, tokens="drop"),
+                                    dict(policy="paper", alpha=0.05)], ids=["alast", "alast-flops-drop", "paper"])
+def test_resume_through_state_dict_makes_the_same_plans(kwargs):
+    kwargs = dict(kwargs, train_layers=2, seed=4)
     data = batches(6)
 
     model = tiny()
@@ -213,7 +221,7 @@ def test_resume_through_state_dict_makes_the_same_plans(policy):
 
 def test_load_state_dict_of_another_policy_raises():
     ctrl = ALaST(tiny(), policy="alast")
-    other = ALaST(tiny(), policy="paper").state_dict()
+    other = ALaST(tiny(), policy="paper", alpha=1e-3).state_dict()
     with pytest.raises(ValueError, match="state"):
         ctrl.load_state_dict(other)
 
@@ -442,6 +450,35 @@ BAD_ARGUMENTS = [
     ({"policy": "fixed", "keep_ratios": [0.5, 0.0, 1.0, 1.0], "train": [True] * L}, r"keep_ratios\[1\]"),
     ({"policy": "fixed", "keep_ratios": [0.5, 1.5, 1.0, 1.0], "train": [True] * L}, r"keep_ratios\[1\]"),
     ({"keep_ratios": [1.0] * L, "train": [True] * L}, "keep_ratios"),
+    # Options a policy ignores are refused when given, never dropped silently.
+    ({"policy": "paper", "alpha": 1e-3, "token_budget": 0.1}, "token_budget.*'paper' policy ignores"),
+    ({"policy": "paper", "alpha": 1e-3, "token_budget": 0.6}, "token_budget"),
+    ({"policy": "paper", "alpha": 1e-3, "flop_budget": 0.6}, "flop_budget"),
+    ({"policy": "paper", "alpha": 1e-3, "min_keep": 0.3}, "min_keep"),
+    ({"policy": "fixed", "keep_ratios": [1.0] * L, "train": [True] * L, "token_budget": 0.5}, "token_budget"),
+    ({"policy": "fixed", "keep_ratios": [1.0] * L, "train": [True] * L, "alpha": 0.5}, "alpha"),
+    # The paper policy's alpha is the optimizer's learning rate: required, finite, positive.
+    ({"policy": "paper"}, "alpha.*learning rate"),
+    ({"policy": "paper", "alpha": 0}, "alpha"),
+    ({"policy": "paper", "alpha": -1e-3}, "alpha"),
+    ({"policy": "paper", "alpha": float("inf")}, "alpha"),
+    ({"policy": "paper", "alpha": "1e-3"}, "alpha"),
+    ({"policy": "paper", "alpha": True}, "alpha"),
+    # Token modes.
+    ({"tokens": "shrink"}, "tokens"),
+    ({"tokens": True}, "tokens"),
+    ({"tokens": "drop", "token_budget": 0.3, "min_keep": 0.2}, r"token_budget.*\(1 \+ \(L-1\)"),
+    ({"policy": "fixed", "tokens": "drop", "keep_ratios": [0.5] * L, "train": [True] * L}, "keep_ratios.*drop"),
+    ({"policy": "fixed", "tokens": "drop", "keep_ratios": [1.0, 0.5, 0.75, 0.5], "train": [True] * L},
+     "keep_ratios.*drop"),
+    # FLOP budgets.
+    ({"flop_budget": 0.6, "token_budget": 0.6}, "token_budget, flop_budget"),
+    ({"flop_budget": 0}, "flop_budget"),
+    ({"flop_budget": 1.5}, "flop_budget"),
+    ({"flop_budget": float("nan")}, "flop_budget"),
+    ({"flop_budget": True}, "flop_budget"),
+    ({"flop_budget": 0.1}, "flop_budget: expected at least"),
+    ({"seed": 1.5}, "seed"),
 ]
 
 
@@ -453,6 +490,21 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     assert all(type(blk) is Block for blk in model.blocks)  # a rejected controller leaves the model alone
 
 
+def test_numpy_scalars_are_accepted_where_python_numbers_are():
+    import numpy as np
+    data = batches(3)
+    plans = []
+    for kwargs in (dict(train_layers=2, token_budget=0.5, alpha=0.3, min_keep=0.25, seed=3, flop_budget=None),
+                   dict(train_layers=np.int64(2), token_budget=np.float32(0.5), alpha=np.float64(0.3),
+                        min_keep=np.float32(0.25), seed=np.int64(3))):
+        model = tiny()
+        ctrl = ALaST(model, sample=True, **kwargs)
+        plans.append(train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.05), data)[0])
+    assert plans[0] == plans[1]
+    model = tiny()
+    assert ALaST(model, policy="paper", alpha=np.float32(1e-3), train_layers=np.int32(3)).train_layers == 3
+
+
 def test_model_without_class_token_raises():
     model = tiny(class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="class token"):
@@ -461,10 +513,11 @@ def test_model_without_class_token_raises():
 
 
 # ------------------------------------------------------------------------ gradient accumulation
-def test_micro_batches_in_one_step_accumulate_gradients_under_one_plan():
+@pytest.mark.parametrize("tokens,keep_ratios", [("carry", [0.5, 0.75, 1.0, 0.25]), ("drop", [1.0, 0.75, 0.5, 0.25])])
+def test_micro_batches_in_one_step_accumulate_gradients_under_one_plan(tokens, keep_ratios):
     model = tiny()
     ref = copy.deepcopy(model)
-    kwargs = dict(policy="fixed", keep_ratios=[0.5, 0.75, 1.0, 0.25], train=[False, True, True, True])
+    kwargs = dict(policy="fixed", keep_ratios=keep_ratios, train=[False, True, True, True], tokens=tokens)
     ctrl, ctrl_ref = ALaST(model, **kwargs), ALaST(ref, **kwargs)
     micro = batches(3, batch=2, seed=7)
     with ctrl.step():
@@ -512,11 +565,113 @@ def test_a_step_that_would_drop_accumulated_gradients_raises():
     assert all(p.grad is None for p in model.blocks[1].parameters())
 
 
+# --------------------------------------------------------------------- one plan at a time
+def test_a_nested_step_is_refused_and_the_outer_plan_stays_applied():
+    model = tiny()
+    ctrl = ALaST(model, token_budget=0.5, train_layers=2)
+    x, y = batches(1)[0]
+    with ctrl.step() as plan:
+        with pytest.raises(RuntimeError, match="nested step"):
+            with ctrl.step():
+                pass
+        assert [blk.alast_plan for blk in model.blocks] == list(plan.blocks)
+        F.cross_entropy(model(x), y).backward()
+    assert len(ctrl.history) == 1 and ctrl.history[0]["step"] == 0
+    for blk, trained in zip(model.blocks, plan.train):  # the outer plan trained what it said
+        assert all((p.grad is not None) == trained for p in blk.parameters())
+    model.zero_grad(set_to_none=True)
+    with ctrl.step():  # the controller is usable again
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_a_second_controller_on_the_same_blocks_is_refused_while_a_step_is_on():
+    model = tiny()
+    first = ALaST(model, token_budget=0.5, train_layers=2)
+    second = ALaST(model, token_budget=0.9, train_layers=1)
+    x, y = batches(1)[0]
+    with first.step() as plan:
+        with pytest.raises(RuntimeError, match="another controller"):
+            with second.step():
+                pass
+        assert [blk.alast_plan for blk in model.blocks] == list(plan.blocks)
+        F.cross_entropy(model(x), y).backward()
+    assert len(first.history) == 1 and second.history == []
+    model.zero_grad(set_to_none=True)
+    with second.step():  # one after the other is fine
+        F.cross_entropy(model(x), y).backward()
+    assert len(second.history) == 1
+
+
+# ---------------------------------------------------------------------------- saved states
+def _trained_state(policy_kwargs):
+    model = tiny()
+    ctrl = ALaST(model, train_layers=2, **policy_kwargs)
+    train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.05), batches(2))
+    return ctrl
+
+
+@pytest.mark.parametrize("policy_kwargs", [{"token_budget": 0.5}, {"policy": "paper", "alpha": 0.01}],
+                         ids=["alast", "paper"])
+@pytest.mark.parametrize("change,name", [
+    (lambda s: list(s.items()), "state: expected the dict"),
+    (lambda s: {**s, "budgets": s["budgets"][:-1]}, "budgets"),
+    (lambda s: {**s, "budgets": s["budgets"] + [0.9]}, "budgets"),
+    (lambda s: {**s, "budgets": [float("nan")] + s["budgets"][1:]}, "budgets"),
+    (lambda s: {**s, "budgets": ["0.9"] + s["budgets"][1:]}, "budgets"),
+    (lambda s: {**s, "budgets": 0.9}, "budgets"),
+    (lambda s: {**s, "previous_deltas": s["previous_deltas"][:-1]}, "previous_deltas"),
+    (lambda s: {**s, "previous_deltas": [float("inf")] + s["previous_deltas"][1:]}, "previous_deltas"),
+    (lambda s: {**s, "step": -1}, "step"),
+    (lambda s: {**s, "step": 1.5}, "step"),
+    (lambda s: {**s, "generator": [0, 1]}, "generator"),
+    (lambda s: {**s, "generator": torch.zeros(3, dtype=torch.uint8)}, "generator"),
+    (lambda s: {**s, "history": {}}, "history"),
+    (lambda s: {k: v for k, v in s.items() if k != "budgets"}, "missing budgets"),
+], ids=["list", "short-budgets", "long-budgets", "nan-budget", "str-budget", "scalar-budgets", "short-deltas",
+        "inf-delta", "negative-step", "float-step", "list-generator", "bad-generator", "history-dict",
+        "no-budgets"])
+def test_load_state_dict_validates_everything_before_changing_anything(policy_kwargs, change, name):
+    saved = _trained_state(policy_kwargs).state_dict()
+    ctrl = _trained_state(policy_kwargs)
+    train(ctrl.model, ctrl, torch.optim.SGD(ctrl.model.parameters(), lr=0.05), batches(1, seed=5))
+    before = ctrl.state_dict()
+    with pytest.raises(ValueError, match=name):
+        ctrl.load_state_dict(change(copy.deepcopy(saved)))
+    after = ctrl.state_dict()
+    assert after["budgets"] == before["budgets"] and after["previous_deltas"] == before["previous_deltas"]
+    assert after["step"] == before["step"] == 3 and len(after["history"]) == 3
+    assert torch.equal(after["generator"], before["generator"])
+    ctrl.load_state_dict(saved)  # the unchanged state loads
+    assert ctrl.state_dict()["step"] == 2
+
+
+def test_paper_budgets_outside_the_authors_range_are_refused():
+    ctrl = _trained_state({"policy": "paper", "alpha": 0.01})
+    state = ctrl.state_dict()
+    with pytest.raises(ValueError, match=r"budgets.*\[0\.5, 1\.0\]"):
+        ctrl.load_state_dict({**state, "budgets": [0.4] + state["budgets"][1:]})
+
+
+def test_a_refused_method_leaves_the_model_as_it_was():
+    import alast_kernels as ak
+    model = tiny()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head"))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for bad in (dict(token_budget=2), dict(policy="paper"), dict(flop_budget=0.01)):
+        with pytest.raises(ValueError):
+            ak.methods.create("alast", model, **bad)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert all(type(blk) is Block for blk in model.blocks)
+
+
 # ---------------------------------------------------------------------------- errors, wrappers
-@pytest.mark.parametrize("field,value", [("token_budget", 0.5), ("policy", "paper"), ("train_layers", 2),
-                                         ("min_keep", 0.1)])
-def test_loading_a_state_of_another_configuration_names_the_mismatch(field, value):
-    saved = ALaST(tiny(), **{field: value}).state_dict()
+@pytest.mark.parametrize("field,kwargs", [("token_budget", {"token_budget": 0.5}),
+                                          ("policy", {"policy": "paper", "alpha": 1e-3}), ("train_layers", {"train_layers": 2}),
+                                          ("min_keep", {"min_keep": 0.1}), ("tokens", {"tokens": "drop", "token_budget": 0.6}),
+                                          ("flop_budget", {"flop_budget": 0.7})])
+def test_loading_a_state_of_another_configuration_names_the_mismatch(field, kwargs):
+    saved = ALaST(tiny(), **kwargs).state_dict()
     ctrl = ALaST(tiny(), token_budget=0.6, policy="alast", train_layers=3, min_keep=0.2)
     with pytest.raises(ValueError, match=field):
         ctrl.load_state_dict(saved)
@@ -571,11 +726,13 @@ def test_blocks_sharded_before_convert_are_refused_with_the_order_to_use(tmp_pat
         dist.destroy_process_group()
 
 
-def test_activation_checkpointing_gives_the_same_step():
+@pytest.mark.parametrize("kwargs", [dict(token_budget=0.5), dict(token_budget=0.5, tokens="drop"),
+                                    dict(policy="paper", alpha=0.5)], ids=["carry", "drop", "paper"])
+def test_activation_checkpointing_gives_the_same_step(kwargs):
     """timm's grad checkpointing recomputes each planned block in backward under the same plan."""
     model = tiny(qkv_bias=True)
     ref = copy.deepcopy(model)
-    ctrl, ctrl_ref = ALaST(model, token_budget=0.5, train_layers=2), ALaST(ref, token_budget=0.5, train_layers=2)
+    ctrl, ctrl_ref = ALaST(model, train_layers=2, **kwargs), ALaST(ref, train_layers=2, **kwargs)
     model.set_grad_checkpointing(True)
     for x, y in batches(3):
         for m, c in ((model, ctrl), (ref, ctrl_ref)):

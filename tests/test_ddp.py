@@ -1,7 +1,8 @@
 """ALaST across processes: two ranks under torchrun (gloo, CPU), each on its own batches, for 20 steps, with
 DistributedDataParallel and with FSDP2 (``fully_shard``).
 
-Every rank must make the same plan at every step (for every policy, even with another seed per rank),
+Every rank must make the same plan at every step (for every policy and token mode, even with another seed
+per rank),
 keep the blocks it freezes unchanged, and end with the same parameters; with the ``fixed`` plan that keeps
 every token and trains every block, the result equals one process training on both ranks' batches.
 """
@@ -34,8 +35,10 @@ def run_ranks(tmp_path, *args, world=2):
 
 
 @pytest.mark.parametrize("policy,extra", [("alast", []), ("alast", ["--sample"]), ("paper", ["--freeze-embeddings"]),
-                                          ("alast", ["--sample", "--fsdp"])],
-                         ids=["alast", "alast-sampled", "paper-frozen-embeddings", "fsdp2-alast-sampled"])
+                                          ("alast", ["--sample", "--fsdp"]), ("alast", ["--sample", "--tokens", "drop"]),
+                                          ("paper", ["--tokens", "carry"])],
+                         ids=["alast", "alast-sampled", "paper-frozen-embeddings", "fsdp2-alast-sampled",
+                              "alast-sampled-drop", "paper-carry"])
 def test_every_rank_makes_the_same_plan_and_frozen_blocks_do_not_move(tmp_path, policy, extra):
     r0, r1 = run_ranks(tmp_path, "--policy", policy, "--seed-per-rank", *extra)
     assert len(r0["plans"]) == 20

@@ -206,8 +206,8 @@ def test_other_policies(tmp_path, cache_dir, policy):
     if policy == "fixed":  # the token budget in every layer, the deepest --train-layers trained, every step
         assert all(h["keep_ratio"] == [0.4] * 3 and h["train"] == [False, True, True] for h in alast["history"])
         assert alast["final_keep_tokens"] == [15] * 3  # ceil(0.4 * 36)
-    else:  # budgets start at 1: the first step keeps every token; two layers train each step
-        assert alast["history"][0]["keep_ratio"] == [1.0] * 3
+    else:  # budgets start at 0.9; tokens dropped through depth: int(0.9 · 37) = 33, int(0.9 · 34) = 30
+        assert alast["history"][0]["keep"] == [36, 33, 30]
         assert all(sum(h["train"]) == 2 for h in alast["history"])
 
 
@@ -220,6 +220,19 @@ def test_token_budget_default_and_the_paper_policy():
     assert paper.token_budget is None
     options = finetune.method_options("alast", paper, depth=2, seed=0, steps=4)
     assert "token_budget" not in options and options["policy"] == "paper"
+
+
+def test_new_alast_options_reach_the_controller():
+    import timm
+    import alast_kernels as ak
+    for argv, check in (
+            (TINY + ["--policy", "paper", "--lr", "0.002"], lambda c: c.alpha == 0.002 and c.tokens == "drop"),
+            (TINY + ["--policy", "paper", "--tokens", "carry"], lambda c: c.tokens == "carry"),
+            (TINY + ["--tokens", "drop", "--token-budget", "0.7"], lambda c: c.tokens == "drop" and c.token_budget == 0.7),
+            (TINY + ["--flop-budget", "0.7"], lambda c: c.flop_budget == 0.7 and c.token_budget is None)):
+        options = finetune.method_options("alast", finetune.parse_args(argv), depth=2, seed=3, steps=10)
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)
+        assert check(ak.methods.create("alast", vit, **options).controller), argv
 
 
 def test_sample_reaches_the_controller():
@@ -314,6 +327,11 @@ def test_a_damaged_pretraining_cache_is_rebuilt_with_a_warning(tmp_path, damage)
     (["--policy", "magic"], "--policy: invalid choice: 'magic'"),
     (["--policy", "fixed", "--sample"], "--sample: only with --policy alast"),
     (["--token-budget", "0.3", "--min-keep", "0.4"], "--min-keep: expected at most --token-budget=0.3"),
+    (["--policy", "paper", "--token-budget", "0.5"], "--token-budget: --policy paper ignores it"),
+    (["--flop-budget", "0.6", "--token-budget", "0.5"], "--flop-budget: only with --policy alast and without"),
+    (["--policy", "paper", "--flop-budget", "0.6"], "--flop-budget: only with --policy alast"),
+    (["--flop-budget", "0"], "argument --flop-budget: expected a number in (0, 1]"),
+    (["--tokens", "shrink"], "--tokens: invalid choice: 'shrink'"),
     (["--data", "/no/such/dir"], "--data: expected a directory"),
     (["--checkpoint", "/no/such/file.pt"], "--checkpoint: no such file"),
     (["--pretrained", "--checkpoint", "x.pt"], "not allowed with argument"),

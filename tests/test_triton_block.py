@@ -56,3 +56,29 @@ def test_planned_block_matches_reference(train, monkeypatch):
             assert got[2][name] is None and r is None, name
         else:
             torch.testing.assert_close(got[2][name], r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_planned_drop_block_matches_reference(train, monkeypatch):
+    """Drop mode: the tokens passed on come from the attention kernel's own class-token row — no scoring
+    pass, no scatter back."""
+    calls = []
+    for name, fn in list(TRITON_OPS.items()):
+        monkeypatch.setitem(TRITON_OPS, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+    block = _block(0)
+    block.alast_plan = BlockPlan(keep_ratio=0.45, train=train, num_patches=16, tokens="drop")
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref = _step(copy.deepcopy(block), x, "reference")
+    got = _step(block, x, "triton")
+    assert "cls_scores" not in calls and "scatter_tokens" not in calls
+    assert {"attention", "select_tokens", "gather_tokens"} <= set(calls)
+    assert got[0].shape == ref[0].shape == (2, 1 + 8, 64)  # ceil(0.45 · 16) patch tokens passed on
+    assert got[3] == ref[3] == 16  # it processed every token
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
+    for name, r in ref[2].items():
+        if not train:
+            assert got[2][name] is None and r is None, name
+        else:
+            torch.testing.assert_close(got[2][name], r, rtol=1e-5, atol=1e-5, msg=name)

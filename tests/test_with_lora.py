@@ -86,10 +86,11 @@ def test_eval_and_full_plan_equal_plain_timm_with_peft(targets, order):
 
 
 @pytest.mark.parametrize("targets", TARGETS, ids=lambda t: "+".join(t))
-def test_lora_trains_exactly_in_the_trained_blocks(targets):
+@pytest.mark.parametrize("tokens,keep_ratios", [("carry", [0.5] * L), ("drop", [1.0, 0.75, 0.5, 0.5])])
+def test_lora_trains_exactly_in_the_trained_blocks(targets, tokens, keep_ratios):
     _, model = with_lora(targets, "peft_then_alast")
     train = [False, True, False, True]
-    ctrl = ak.ALaST(model, policy="fixed", keep_ratios=[0.5] * L, train=train)
+    ctrl = ak.ALaST(model, policy="fixed", keep_ratios=keep_ratios, train=train, tokens=tokens)
     x, y = batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -141,6 +142,37 @@ def test_selection_on_a_lora_block_equals_timm_on_the_gathered_tokens():
     for (name, p), (_, p_ref) in zip(blk.named_parameters(), ref.named_parameters()):
         if p_ref.requires_grad:
             assert p.grad is not None and (p.grad - p_ref.grad).abs().max().item() <= 1e-5, name
+
+
+def test_drop_mode_on_a_lora_block_equals_timm_then_its_top_tokens():
+    """Drop mode on a block whose qkv and fc1 are peft LoRA layers: the tokens passed on are ranked by the
+    block's own (adapted) attention, and the adapters get timm's gradients."""
+    torch.manual_seed(0)
+    ref = Block(36, 3, qkv_bias=True)
+    inject_adapter_in_model(lora_config(r"(attn\.qkv|mlp\.fc1)"), ref)
+    blk = copy.deepcopy(ref)
+    blk.__class__ = ViTBlock
+    blk.init_alast()
+    x = torch.randn(2, 14, 36, requires_grad=True)
+    keep = 6
+    with torch.no_grad():
+        qkv = ref.attn.qkv(ref.norm1(x)).view(2, 14, 3, 3, 12)
+        logits = torch.einsum("bhd,bhnd->bhn", qkv[:, 0, 0].double(), qkv[:, :, 1].transpose(1, 2).double())
+        idx = naive.select_tokens(naive.softmax(logits * ref.attn.scale).mean(dim=1), keep, 1)
+    blk.train()
+    blk.alast_plan = BlockPlan(keep / 13, num_patches=13, tokens="drop")
+    out = blk(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    want = ref(x_ref)[torch.arange(2).unsqueeze(1), idx]
+    assert out.shape == (2, 1 + keep, 36) and (out - want).abs().max().item() <= 1e-5
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    assert (x.grad - x_ref.grad).abs().max().item() <= 1e-5
+    lora = [(n, p, q) for (n, p), (_, q) in zip(blk.named_parameters(), ref.named_parameters()) if "lora_" in n]
+    assert len(lora) == 4
+    for name, p, p_ref in lora:
+        assert p.grad is not None and (p.grad - p_ref.grad).abs().max().item() <= 1e-5, name
 
 
 def _loralib_model():

@@ -6,7 +6,7 @@ from typing import Dict, Optional, Sequence
 
 import torch.nn as nn
 
-from ..controller import ALaST
+from ..controller import UNSET, ALaST
 from .base import Method, register, set_trainable
 from .lora import DEFAULT_TARGETS, add_lora
 
@@ -17,16 +17,26 @@ class ALaSTMethod(Method):
     summary = "adaptive per-layer token budgets and layer freezing, all weights trainable"
     trains_backbone = True
 
-    def __init__(self, model: nn.Module, token_budget: float = 0.6, train_layers: Optional[int] = None,
-                 policy: str = "alast", alpha: float = 0.1, min_keep: float = 0.2, sample: bool = False,
+    def __init__(self, model: nn.Module, token_budget=UNSET, train_layers: Optional[int] = None,
+                 policy: str = "alast", alpha=UNSET, min_keep=UNSET, sample: bool = False,
                  seed: int = 0, train_embeddings: Optional[bool] = None,
-                 keep_ratios: Optional[Sequence[float]] = None, train: Optional[Sequence[bool]] = None):
+                 keep_ratios: Optional[Sequence[float]] = None, train: Optional[Sequence[bool]] = None,
+                 tokens: Optional[str] = None, flop_budget=None):
         super().__init__(model)
+        # The controller reads which embeddings require grad, so the flags are set first; a refused option
+        # puts every flag back, so a failed create leaves the user's model as it was.
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         if self.name == "alast":
             set_trainable(self.model, self.model.parameters())
-        self.controller = ALaST(self.model, token_budget=token_budget, train_layers=train_layers, policy=policy,
-                                alpha=alpha, min_keep=min_keep, sample=sample, seed=seed,
-                                train_embeddings=train_embeddings, keep_ratios=keep_ratios, train=train)
+        try:
+            self.controller = ALaST(self.model, token_budget=token_budget, train_layers=train_layers,
+                                    policy=policy, alpha=alpha, min_keep=min_keep, sample=sample, seed=seed,
+                                    train_embeddings=train_embeddings, keep_ratios=keep_ratios, train=train,
+                                    tokens=tokens, flop_budget=flop_budget)
+        except BaseException:
+            for p, requires_grad in flags:
+                p.requires_grad_(requires_grad)
+            raise
 
     def step(self, update: bool = True):
         return self.controller.step(update=update)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .. import ops
-from ..block import _keep_count
+from ..block import keep_count
 from ..convert import convert
 from ..ops._checks import is_int, is_real
 from ..vit import embed, head, model_blocks, num_prefix_tokens
@@ -91,7 +91,7 @@ class TokenFuseViT(nn.Module):
             a, scores = blk.attend(x, train, return_cls=layer in self.fuse_layers)
             x = x + a
             if scores is not None:
-                keep = _keep_count(rate, x.shape[1] - P)
+                keep = keep_count(rate, x.shape[1] - P)
                 if keep < x.shape[1] - P:
                     x, *carried = (ops.fuse_tokens(t, scores, keep, P) for t in (x, *carried))
             out = x + blk.feed_forward(x, train)
