@@ -14,7 +14,7 @@ ifneq ($(shell command -v nvcc 2>/dev/null),)
 export ALAST_FORCE_CUDA ?= 1
 endif
 
-.PHONY: venv demo study study-smoke test bench wheel clean gpu-resources backend-table gpu-check
+.PHONY: venv demo study study-smoke lint test bench wheel clean gpu-resources backend-table gpu-check
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ study: $(STAMP)
 
 study-smoke: $(STAMP)
 	$(PY) python/study.py --smoke --out runs/study-smoke
+
+# pycodestyle, pyflakes and bugbear rules as configured in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	for cap in $(TOLERANCE_PATHS); do \

@@ -83,7 +83,7 @@ def step_flops(d: ViTDims, processed: Sequence[int], train: Sequence[bool], grad
     """
     P, Np = d.num_prefix, d.num_patches
     total = d.patch_flops * (2 if train_embeddings else 1)  # the images need no gradient
-    for l, (k, t, g) in enumerate(zip(processed, train, grad_input)):
+    for k, t, g in zip(processed, train, grad_input):
         if tokens == "drop":
             n = P + k  # its whole input
             total += _block(d, n, n, t, g, "drop", selects=False)

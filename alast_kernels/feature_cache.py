@@ -140,7 +140,8 @@ class FeatureCache:
     def _check_ids(self, ids, batch: int) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
                 or ids.dtype == torch.bool:
-            raise TypeError(f"ids: expected an integer tensor of image ids, got {getattr(ids, 'dtype', type(ids).__name__)}")
+            raise TypeError(f"ids: expected an integer tensor of image ids, "
+                            f"got {getattr(ids, 'dtype', type(ids).__name__)}")
         if ids.shape != (batch,):
             raise ValueError(f"ids: expected shape ({batch},), one id per image, got {tuple(ids.shape)}")
         ids = ids.to(device=self.device, dtype=torch.int64)

@@ -56,7 +56,8 @@ def main():
     p.add_argument("--out", default=os.path.join("runs", "alast-variants"))
     args = p.parse_args()
 
-    records = {"paper": run_job(os.path.join(args.out, "paper"), args, ["--methods", "full,alast", "--policy", "paper"])}
+    records = {"paper": run_job(os.path.join(args.out, "paper"), args,
+                                ["--methods", "full,alast", "--policy", "paper"])}
     full = records["paper"]
     full_flops = per_seed(full, "full", "train_flops")
     budget = statistics.mean(a / b for a, b in zip(per_seed(full, "alast", "train_flops"), full_flops))
@@ -75,7 +76,8 @@ def main():
             "accuracy": {"mean": statistics.mean(accuracy), "per_seed": accuracy},
             "accuracy_gap_to_full": paired(accuracy, per_seed(full, "full", "accuracy")),
             **{f"{key}_ratio_to_full": {"mean": statistics.mean(r), "per_seed": r}
-               for key in ("train_flops", "peak_activation_bytes", "train_seconds") for r in [ratios(record, "alast", key)]},
+               for key in ("train_flops", "peak_activation_bytes", "train_seconds")
+               for r in [ratios(record, "alast", key)]},
         }
     flops = [v["train_flops_ratio_to_full"]["mean"] for v in variants.values()]
     write_results("cpu_finetune_alast_variants", {

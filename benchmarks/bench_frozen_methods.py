@@ -93,7 +93,8 @@ def measure(config: str, repeats: int, warmup: int, batch: Optional[int] = None)
     full = result["full"]
     for name in METHODS[1:]:
         ours = result[name]
-        ours["ratios"] = {"flops": ours["flops"] / full["flops"], "saved_bytes": ours["saved_bytes"] / full["saved_bytes"]}
+        ours["ratios"] = {"flops": ours["flops"] / full["flops"],
+                          "saved_bytes": ours["saved_bytes"] / full["saved_bytes"]}
         if repeats:
             ours["ratios"]["time"] = ours["seconds"] / full["seconds"]
         ours["share_of_flops_frozen_forward"] = ours["frozen_forward_flops"] / ours["flops"]

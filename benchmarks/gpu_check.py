@@ -220,7 +220,8 @@ def environment(gpu: bool) -> dict:
             env[module] = None
     if gpu:
         props = torch.cuda.get_device_properties(0)
-        env.update(device=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        env.update(device=torch.cuda.get_device_name(0),
+                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                    memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
                    nvidia_smi=output(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
                                       "--format=csv,noheader"]))

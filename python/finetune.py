@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "fraction of full fine-tuning's, in (0, 1]")
     alast.add_argument("--tokens", choices=("carry", "drop"), default=None,
                        help="unkept tokens pass through a block ('carry') or are dropped for every later block "
-                            "('drop'); default: 'drop' for --policy paper, 'carry' otherwise")
+                            "('drop'); default: 'drop' ('carry' for --policy fixed)")
     alast.add_argument("--train-layers", type=_positive, default=None,
                        help="blocks trained per step (default: ceil(0.75 * depth))")
     alast.add_argument("--min-keep", type=_fraction("min_keep"), default=0.2,
@@ -425,7 +425,8 @@ def _from_rank0(value: int, device: torch.device) -> int:
 def load_data(args):
     if args.data:
         train_set, test_set, classes = load_image_folder(args.data, args.img_size, args.seed)
-        text = f"ImageFolder {args.data}: {len(classes)} classes, {len(train_set)} train / {len(test_set)} held-out images"
+        text = (f"ImageFolder {args.data}: {len(classes)} classes, "
+                f"{len(train_set)} train / {len(test_set)} held-out images")
     elif args.task == "clutter":
         train_set, test_set, classes, text = real_backbone.load_task(args)
     else:

@@ -114,7 +114,8 @@ def chosen_variants(text: str, depth: int) -> List[Variant]:
     labels = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in labels if t not in {v.label for v in every}]
     if unknown or not labels:
-        raise SystemExit(f"--variants: unknown {unknown or text!r}; expected some of {', '.join(v.label for v in every)}")
+        raise SystemExit(f"--variants: unknown {unknown or text!r}; "
+                         f"expected some of {', '.join(v.label for v in every)}")
     return [v for v in every if v.label in labels]
 
 
@@ -143,7 +144,8 @@ def _run(study, args, chosen: List[Variant], seeds: int) -> Dict:
     torch.manual_seed(args.seed)
     start = create_model(args, len(classes))
     weights = real_backbone.load_start(args, start, device, show=False)
-    print(f"data: {data_text}; evaluated on {len(test_set)} held-out images\nweights: {weights.pop('text')}", flush=True)
+    print(f"data: {data_text}; evaluated on {len(test_set)} held-out images\n"
+          f"weights: {weights.pop('text')}", flush=True)
     steps = study.estimate_steps if study.estimate else args.steps
     runs: Dict[str, List[Dict]] = {v.label: [] for v in chosen}
     overhead: Dict[str, List[float]] = {v.label: [] for v in chosen}
@@ -184,7 +186,8 @@ def _run(study, args, chosen: List[Variant], seeds: int) -> Dict:
             label: {"accuracy_gap_points": 100 * (s["accuracy"]["mean"] - full["accuracy"]["mean"]),
                     "accuracy_std_points": 100 * s["accuracy"]["std"],
                     **{f"{k}_ratio": s[k]["mean"] / full[k]["mean"]
-                       for k in ("train_flops", "peak_activation_bytes", "train_seconds") if k in s and full[k]["mean"]}}
+                       for k in ("train_flops", "peak_activation_bytes", "train_seconds")
+                       if k in s and full[k]["mean"]}}
             for label, s in summary.items()}
     os.makedirs(study.out, exist_ok=True)
     json_path, png_path = os.path.join(study.out, "study.json"), os.path.join(study.out, "study.png")
@@ -242,7 +245,8 @@ def plot_study(record: Dict, path: str) -> None:
     axes[0].set_ylabel(f"held-out accuracy % (mean ± std of {len(record['seeds'])} seeds)")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{record['args']['model']} on the cluttered-digit task, {record['args']['steps']} steps x batch "
-                 f"{record['args']['batch_size']}, {record['machine']['cpu'] or record['machine']['device']}", fontsize=9)
+                 f"{record['args']['batch_size']}, {record['machine']['cpu'] or record['machine']['device']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""Naive float64 re-derivations of the ALaST ops, written from docs/ops.md and docs/alast.md with explicit loops and maths.
+"""Naive float64 re-derivations of the ALaST ops, written from docs/ops.md and docs/alast.md
+with explicit loops and maths.
 
 They avoid the torch functions the reference backend uses (no ``gather``/``scatter_add``,
 ``F.layer_norm``, ``scaled_dot_product_attention``, ``F.gelu``, ``F.linear``, ``torch.sort``), so a test
@@ -260,7 +261,7 @@ def synqt_logits(model, images):
         attn = block.attn
         H, A = attn.num_heads, attn.num_heads * attn.head_dim
         w, bias = attn.qkv.weight, attn.qkv.bias
-        part = lambda i: (w[i * A:(i + 1) * A], None if bias is None else bias[i * A:(i + 1) * A])  # noqa: E731
+        part = lambda i, w=w, bias=bias, A=A: (w[i * A:(i + 1) * A], None if bias is None else bias[i * A:(i + 1) * A])
         hx = _norm(block.norm1, x)
         k = _heads(linear(hx, *part(1)), H)
         v = _heads(linear(hx, *part(2)), H)

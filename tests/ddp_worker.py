@@ -1,7 +1,8 @@
 """One rank of the multi-process ALaST test (``tests/test_ddp.py`` runs it under torchrun, gloo on the CPU).
 
 Every rank trains the same tiny ViT, wrapped in ``DistributedDataParallel(find_unused_parameters=True)``
-(or, with ``--fsdp``, sharded by FSDP2's ``fully_shard``), on batches of its own for ``--steps`` steps, and writes what it saw to ``OUT/rank<r>.pt``: each step's plan,
+(or, with ``--fsdp``, sharded by FSDP2's ``fully_shard``), on batches of its own for ``--steps`` steps,
+and writes what it saw to ``OUT/rank<r>.pt``: each step's plan,
 whether every block frozen in a step kept its parameters bit for bit, and the final parameters.
 
 ``--seed-per-rank`` gives each rank another controller seed (the controller must still agree on rank 0's);

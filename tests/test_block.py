@@ -2,7 +2,8 @@
 token selection (timm's Block on the gathered tokens, scattered back); frozen and no-graph plans;
 constructor keywords; ``state_dict`` keys.
 
-Float32, max abs diff <= 1e-5 (relative above magnitude 1) for the output and every gradient. ``N = 1 + 13`` tokens, ``D = 36``.
+Float32, max abs diff <= 1e-5 (relative above magnitude 1) for the output and every gradient.
+``N = 1 + 13`` tokens, ``D = 36``.
 """
 import functools
 

@@ -56,9 +56,9 @@ def train(model, ctrl, data, forward):
 
 
 @pytest.mark.parametrize("policy,options", [
-    ("alast", dict(token_budget=0.5, alpha=0.5, min_keep=0.2)),
+    ("alast", dict(token_budget=0.5, alpha=0.5, min_keep=0.2, tokens="carry")),
     ("alast", dict(token_budget=0.6, alpha=0.5, min_keep=0.2, tokens="drop", sample=True)),
-    ("paper", dict(alpha=0.5))], ids=["alast", "alast-drop", "paper"])
+    ("paper", dict(alpha=0.5))], ids=["alast-carry", "alast-drop", "paper"])
 def test_compiled_model_trains_like_eager_with_bounded_compilations(policy, options):
     torch._dynamo.reset()
     eager_model = tiny()

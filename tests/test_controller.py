@@ -362,9 +362,10 @@ def test_fixed_full_plan_equals_full_fine_tuning(optimizer):
             assert (p - p_ref).abs().max().item() <= 1e-5, name
 
 
-def test_eval_uses_every_token_and_layer():
+@pytest.mark.parametrize("tokens,budget", [("carry", 0.3), ("drop", 0.4)])
+def test_eval_uses_every_token_and_layer(tokens, budget):
     model = tiny()
-    ctrl = ALaST(model, token_budget=0.3, min_keep=0.1, train_layers=1)
+    ctrl = ALaST(model, token_budget=budget, min_keep=0.1, train_layers=1, tokens=tokens)
     train(model, ctrl, torch.optim.SGD(model.parameters(), lr=0.05), batches(2))
     assert all(blk.alast_plan is None for blk in model.blocks)  # plans live inside a step only
     unconverted = restore(copy.deepcopy(model)).eval()
@@ -383,7 +384,7 @@ def test_a_failed_step_changes_no_budget():
     with pytest.raises(ZeroDivisionError):
         with ctrl.step():
             model(torch.randn(2, 3, 32, 32)).sum().backward()
-            1 / 0
+            raise ZeroDivisionError("the step body fails")
     assert ctrl.budgets == [1.0] * L and ctrl.step_count == 0 and ctrl.history == []
     assert all(blk.alast_plan is None for blk in model.blocks)
     with pytest.raises(RuntimeError, match="forward"):
@@ -667,8 +668,10 @@ def test_a_refused_method_leaves_the_model_as_it_was():
 
 # ---------------------------------------------------------------------------- errors, wrappers
 @pytest.mark.parametrize("field,kwargs", [("token_budget", {"token_budget": 0.5}),
-                                          ("policy", {"policy": "paper", "alpha": 1e-3}), ("train_layers", {"train_layers": 2}),
-                                          ("min_keep", {"min_keep": 0.1}), ("tokens", {"tokens": "drop", "token_budget": 0.6}),
+                                          ("policy", {"policy": "paper", "alpha": 1e-3}),
+                                          ("train_layers", {"train_layers": 2}),
+                                          ("min_keep", {"min_keep": 0.1}),
+                                          ("tokens", {"tokens": "carry"}),
                                           ("flop_budget", {"flop_budget": 0.7})])
 def test_loading_a_state_of_another_configuration_names_the_mismatch(field, kwargs):
     saved = ALaST(tiny(), **kwargs).state_dict()
@@ -745,3 +748,13 @@ def test_activation_checkpointing_gives_the_same_step(kwargs):
             if p.grad is not None:
                 assert (p.grad - q.grad).abs().max().item() <= 1e-5, n
         model.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+
+
+def test_token_mode_defaults():
+    """docs/alast.md, "Measured: the three variants at the same training FLOPs": dropping tokens through
+    depth measured closest to full fine-tuning, so it is the default of "alast" and "paper"; "fixed" keeps its
+    given per-block ratios carried."""
+    assert ALaST(tiny()).tokens == "drop"
+    assert ALaST(tiny(), policy="paper", alpha=1e-3).tokens == "drop"
+    assert ALaST(tiny(), policy="fixed", keep_ratios=[0.5] * L, train=[True] * L).tokens == "carry"
+    assert ALaST(tiny(), tokens="carry").tokens == "carry"

@@ -35,7 +35,8 @@ def run_ranks(tmp_path, *args, world=2):
 
 
 @pytest.mark.parametrize("policy,extra", [("alast", []), ("alast", ["--sample"]), ("paper", ["--freeze-embeddings"]),
-                                          ("alast", ["--sample", "--fsdp"]), ("alast", ["--sample", "--tokens", "drop"]),
+                                          ("alast", ["--sample", "--fsdp"]),
+                                          ("alast", ["--sample", "--tokens", "drop"]),
                                           ("paper", ["--tokens", "carry"])],
                          ids=["alast", "alast-sampled", "paper-frozen-embeddings", "fsdp2-alast-sampled",
                               "alast-sampled-drop", "paper-carry"])

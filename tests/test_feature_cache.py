@@ -124,7 +124,7 @@ def test_same_losses_with_and_without_cache(name):
         opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(3)
         losses = []
-        for epoch in range(2):
+        for _epoch in range(2):
             for ids in torch.randperm(12, generator=gen).split(4):
                 with m.step():
                     loss = F.cross_entropy(m.model(data[ids], ids=ids if use_ids else None), labels[ids])

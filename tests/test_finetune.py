@@ -228,7 +228,8 @@ def test_new_alast_options_reach_the_controller():
     for argv, check in (
             (TINY + ["--policy", "paper", "--lr", "0.002"], lambda c: c.alpha == 0.002 and c.tokens == "drop"),
             (TINY + ["--policy", "paper", "--tokens", "carry"], lambda c: c.tokens == "carry"),
-            (TINY + ["--tokens", "drop", "--token-budget", "0.7"], lambda c: c.tokens == "drop" and c.token_budget == 0.7),
+            (TINY + ["--tokens", "drop", "--token-budget", "0.7"],
+             lambda c: c.tokens == "drop" and c.token_budget == 0.7),
             (TINY + ["--flop-budget", "0.7"], lambda c: c.flop_budget == 0.7 and c.token_budget is None)):
         options = finetune.method_options("alast", finetune.parse_args(argv), depth=2, seed=3, steps=10)
         vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)

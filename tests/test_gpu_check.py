@@ -146,7 +146,7 @@ def test_every_ops_case_runs_on_the_reference_at_the_small_shape():
         calls = cases.op_calls(reference.OPS, shape, torch.float32, "cpu")
         assert {cases.op_of(case) for case in calls} == set(reference.OPS)
         assert set(calls) - set(reference.OPS) == {"attention+cls"}
-        for op, call in calls.items():
+        for call in calls.values():
             call()
     with pytest.raises(KeyError, match="no case for op"):
         cases.op_calls({**reference.OPS, "new_op": None}, cases.TINY, torch.float32, "cpu")
@@ -182,7 +182,8 @@ def test_gpu_run_drops_parts_that_no_longer_fit_and_stops_a_part_at_its_deadline
     assert rows["big"]["status"].startswith("dropped: estimated 500 s")
     assert rows["bad"]["status"] == "failed (exit 3)"
     assert rows["fine"]["status"] == "passed"
-    assert "built" in (tmp_path / "gpu-check.log").read_text() and "never" not in (tmp_path / "gpu-check.log").read_text()
+    assert ("built" in (tmp_path / "gpu-check.log").read_text()
+            and "never" not in (tmp_path / "gpu-check.log").read_text())
 
 
 def test_gpu_run_skips_everything_after_a_failed_install(tmp_path, gc):
@@ -262,7 +263,7 @@ def test_every_call_of_the_sanitizer_script_runs_on_cpu_tensors(name, cuda):
     calls = sanitize.calls(name, "cpu")
     assert {label.split()[0].split("+")[0] for label, _ in calls} == set(backend.load(name).OPS) - (
         {"masked_linear"} if name == "triton" else set())  # triton's masked_linear is the reference's own
-    for label, call in calls:
+    for _label, call in calls:
         call()
 
 

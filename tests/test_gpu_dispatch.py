@@ -85,7 +85,8 @@ def test_the_rest_of_the_order_follows_a_record_so_declined_calls_still_run(gpu,
     order, why = measured.cuda_order("gather_tokens", H200)
     assert order == ("cuda", "reference", "triton")
     assert why == "measured on NVIDIA H200 (compute capability 9.0, 2026-12-02): cuda 10.0 us, reference 30.0 us"
-    monkeypatch.setattr(alast_kernels.backends.cuda, "DEFAULT_SUPPORT", Supports(devices=("cuda",), dtypes=("bfloat16",)))
+    monkeypatch.setattr(alast_kernels.backends.cuda, "DEFAULT_SUPPORT",
+                        Supports(devices=("cuda",), dtypes=("bfloat16",)))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert backend._choose("gather_tokens", "cuda", "float32", (), "auto") == "reference"

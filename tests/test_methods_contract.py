@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-import alast_kernels as ak
 from alast_kernels import methods
 
 pytestmark = pytest.mark.usefixtures("reference_backend")

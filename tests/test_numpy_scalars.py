@@ -85,7 +85,8 @@ def test_ops_take_numpy_scalars():
     assert torch.equal(ops.fuse_tokens(x, scores, np.int16(4), num_prefix=np.int64(2)),
                        ops.fuse_tokens(x, scores, 4, num_prefix=2))
     q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
-    assert torch.equal(ops.attention(q, k, v, scale=np.float32(0.5)), ops.attention(q, k, v, scale=float(np.float32(0.5))))
+    assert torch.equal(ops.attention(q, k, v, scale=np.float32(0.5)),
+                       ops.attention(q, k, v, scale=float(np.float32(0.5))))
     assert torch.equal(ops.query_attention(q[:, :, :2], k, v, scale=np.float64(0.25)),
                        ops.query_attention(q[:, :, :2], k, v, scale=0.25))
     w = torch.randn(18, 6, generator=g)

@@ -24,7 +24,8 @@ def tiny():
 
 def batches(count, batch=3):
     g = torch.Generator().manual_seed(2)
-    return [(torch.randn(batch, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 3, (batch,), generator=g))
+    return [(torch.randn(batch, 3, 16, 16, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (batch,), generator=g))
             for _ in range(count)]
 
 

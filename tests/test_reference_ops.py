@@ -266,7 +266,8 @@ def test_gradcheck_masked_linear_and_mlp():
     assert torch.autograd.gradcheck(lambda *a: ops.masked_linear(*a, train=True), (x, w, None))
     for approximate in ("none", "tanh"):
         assert torch.autograd.gradcheck(
-            lambda *a: ops.masked_mlp(*a, train=True, approximate=approximate), (x, w1, b1, w2, b2))
+            lambda *a, approximate=approximate: ops.masked_mlp(*a, train=True, approximate=approximate),
+            (x, w1, b1, w2, b2))
     # Frozen: the input gradient is still exact (the parameters take none, see below).
     wd, w1d, w2d = w.detach(), w1.detach(), w2.detach()
     assert torch.autograd.gradcheck(lambda t: ops.masked_linear(t, wd, b.detach(), train=False), (x,))

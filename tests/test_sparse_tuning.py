@@ -202,8 +202,8 @@ def test_default_fuse_layers_for_other_depths():
 
 
 def test_vit_base_tokens_and_forward_flops():
-    """docs/methods/sparse-tuning.md: ViT-B/16 at 224², tokens entering the blocks 197 -> 140 -> 100 -> 72 and forward FLOPs
-    0.66–0.68 of the plain model's, adapters included."""
+    """docs/methods/sparse-tuning.md: ViT-B/16 at 224², tokens entering the blocks 197 -> 140 -> 100 -> 72
+    and forward FLOPs 0.66–0.68 of the plain model's, adapters included."""
     torch.manual_seed(0)
     vit = timm.create_model("vit_base_patch16_224", num_classes=100).eval()
     x = torch.randn(1, 3, 224, 224)

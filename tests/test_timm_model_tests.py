@@ -118,7 +118,7 @@ def test_torchscript(key):
     # Scripting left the model as it was: still converted, and ALaST still plans it.
     assert all(type(b) is ViTBlock for b in converted.blocks)
     if converted.cls_token is not None:
-        alast = ak.ALaST(converted.train(), token_budget=0.5, train_layers=1)
+        alast = ak.ALaST(converted.train(), token_budget=0.5, train_layers=1, tokens="carry")
         with alast.step():
             converted(x).sum().backward()
         assert alast.history[-1]["keep"][0] < converted.patch_embed.num_patches
@@ -126,7 +126,7 @@ def test_torchscript(key):
 
 def test_scripting_and_tracing_inside_a_step_refuse_naming_restore():
     converted, _ = _pair("vit_tiny_patch16_224")
-    alast = ak.ALaST(converted, token_budget=0.5, train_layers=1)
+    alast = ak.ALaST(converted, token_budget=0.5, train_layers=1, tokens="carry")
     with alast.step():
         with pytest.raises(RuntimeError, match=r"torch\.jit\.script: .*plan applied.*ak\.restore\(model\)"):
             _script(converted)

@@ -11,7 +11,7 @@ import torch
 import alast_kernels
 from alast_kernels import backend
 from alast_kernels.backends import triton as triton_backend
-from alast_kernels.backends.reference import OPS as REFERENCE_OPS
+from alast_kernels.backends.reference import OPS as REFERENCE_OPS  # noqa: F401 (re-exported)
 from alast_kernels.backends.triton import _common
 from tolerance import assert_flash_rule, max_error  # noqa: F401 (re-exported for the triton tests)
 

@@ -1,4 +1,5 @@
-"""The class-query vectors of the scoring identity (docs/alast.md, "Scoring without projecting every key"), shared by every backend's ``cls_scores``.
+"""The class-query vectors of the scoring identity (docs/alast.md, "Scoring without projecting every key"),
+shared by every backend's ``cls_scores``.
 
 ``q_cls · k_n = norm1(x_n) · (W_kᵀ q_cls) + b_k · q_cls`` per head, and with
 ``norm1(x_n) = γ ⊙ x̂_n + β`` (``x̂_n`` the standardised token) the logit of token ``n`` in head ``h`` is

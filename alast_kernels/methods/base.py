@@ -21,7 +21,6 @@ import functools
 import inspect
 from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Type
 
-import torch
 import torch.nn as nn
 
 from ..ops._checks import is_int

@@ -121,7 +121,8 @@ class LoSA(FrozenBackboneMethod):
     """
 
     name = "losa"
-    summary = "frozen backbone without a graph; a low-rank side network refines its features; side network and head train"
+    summary = ("frozen backbone without a graph; a low-rank side network refines its features; "
+               "side network and head train")
 
     def __init__(self, model: nn.Module, rank: Optional[int] = None, token_rank: Optional[int] = None,
                  recompute: bool = True):

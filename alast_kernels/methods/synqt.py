@@ -167,7 +167,7 @@ class SynQTModel(FrozenBackboneModel):
         keys_values = []
         for block in model_blocks(self.backbone):
             captured = []
-            hook = block.attn.qkv.register_forward_hook(lambda module, args, out: captured.append(out))
+            hook = block.attn.qkv.register_forward_hook(lambda module, args, out, sink=captured: sink.append(out))
             try:
                 y = block(x)
             finally:
@@ -240,7 +240,8 @@ class SynQT(FrozenBackboneMethod):
     """
 
     name = "synqt"
-    summary = "frozen backbone without a graph; synthesised queries read each block's keys/values; query path and head train"
+    summary = ("frozen backbone without a graph; synthesised queries read each block's keys/values; "
+               "query path and head train")
 
     def __init__(self, model: nn.Module, num_queries: int = 4, hidden: Optional[int] = None, rank: int = 8):
         super().__init__(model)

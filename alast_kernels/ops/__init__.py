@@ -127,7 +127,8 @@ def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
     qkv_weight: ``(3·D, D)``; qkv_bias: ``(3·D,)`` or ``None``. ``q_norm``/``k_norm`` are the
     block's per-head query/key norms (callables on ``(..., Dh)``), ``None`` for none; with a ``k_norm``
     the keys are projected, otherwise the scores come from one ``D``-vector per image and head
-    (docs/alast.md, "Scoring without projecting every key"). Returns float32 ``(B, N)`` without gradient; each row sums to 1.
+    (docs/alast.md, "Scoring without projecting every key"). Returns float32 ``(B, N)`` without gradient;
+    each row sums to 1.
     """
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     D = x.shape[2]

@@ -1,4 +1,5 @@
-"""Class-token scores of every token without projecting every key (docs/alast.md, "Scoring without projecting every key").
+"""Class-token scores of every token without projecting every key
+(docs/alast.md, "Scoring without projecting every key").
 
 Without a ``k_norm``: the class-query vectors ``u`` (:mod:`alast_kernels.backends.class_query`, shared with
 the kernels) and the standardised tokens give every logit, ``x̂_n · u[h]``. A ``k_norm`` breaks the identity:

@@ -1,4 +1,5 @@
-"""Class-token scores of every token without projecting every key (docs/alast.md, "Scoring without projecting every key"), one read of ``x``.
+"""Class-token scores of every token without projecting every key
+(docs/alast.md, "Scoring without projecting every key"), one read of ``x``.
 
 The host computes, per image and head, the class-query vector ``u`` of
 :mod:`alast_kernels.backends.class_query` (shared by every backend), times ``log2(e)``; a token's base-2
