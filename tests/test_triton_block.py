@@ -34,6 +34,19 @@ def _step(block, x, backend):
         block.alast_importance
 
 
+def _assert_step_matches(got, ref, train):
+    """Output, input gradient, class-token update and parameter gradients (none for a frozen block) of a
+    triton step against the reference's."""
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
+    for name, r in ref[2].items():
+        if not train:
+            assert got[2][name] is None and r is None, name
+        else:
+            torch.testing.assert_close(got[2][name], r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_planned_block_matches_reference(train, monkeypatch):
     calls = []
@@ -48,14 +61,7 @@ def test_planned_block_matches_reference(train, monkeypatch):
     assert set(calls) == {"cls_scores", "select_tokens", "gather_layer_norm", "masked_linear", "attention",
                           "masked_mlp", "scatter_tokens"}
     assert got[3] == ref[3] == 8  # ceil(0.45 · 16) patch tokens kept
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
-    for name, r in ref[2].items():
-        if not train:
-            assert got[2][name] is None and r is None, name
-        else:
-            torch.testing.assert_close(got[2][name], r, rtol=1e-5, atol=1e-5, msg=name)
+    _assert_step_matches(got, ref, train)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -74,11 +80,4 @@ def test_planned_drop_block_matches_reference(train, monkeypatch):
     assert {"attention", "select_tokens", "gather_tokens"} <= set(calls)
     assert got[0].shape == ref[0].shape == (2, 1 + 8, 64)  # ceil(0.45 · 16) patch tokens passed on
     assert got[3] == ref[3] == 16  # it processed every token
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[4], ref[4], rtol=1e-5, atol=1e-6)
-    for name, r in ref[2].items():
-        if not train:
-            assert got[2][name] is None and r is None, name
-        else:
-            torch.testing.assert_close(got[2][name], r, rtol=1e-5, atol=1e-5, msg=name)
+    _assert_step_matches(got, ref, train)

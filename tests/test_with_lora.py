@@ -110,8 +110,10 @@ def test_lora_trains_exactly_in_the_trained_blocks(targets, tokens, keep_ratios)
             assert not moved, name
 
 
-def test_selection_on_a_lora_block_equals_timm_on_the_gathered_tokens():
-    """A planned block whose qkv and fc1 are peft LoRA layers: scores, kept tokens and gradients."""
+def _lora_block_pair():
+    """A timm ``Block`` whose qkv and fc1 are peft LoRA layers, the same block as a ``ViTBlock``, an input
+    ``(2, 14, 36)`` and the float64 class-token scores ``(2, 14)`` through the adapted qkv (every key
+    projected, as the block computes them)."""
     torch.manual_seed(0)
     ref = Block(36, 3, qkv_bias=True)
     inject_adapter_in_model(lora_config(r"(attn\.qkv|mlp\.fc1)"), ref)
@@ -119,12 +121,17 @@ def test_selection_on_a_lora_block_equals_timm_on_the_gathered_tokens():
     blk.__class__ = ViTBlock
     blk.init_alast()
     x = torch.randn(2, 14, 36, requires_grad=True)
-    keep = 6
-    # Scores through the LoRA-adapted qkv, projecting every key, as the block computes them.
     with torch.no_grad():
         qkv = ref.attn.qkv(ref.norm1(x)).view(2, 14, 3, 3, 12)
         logits = torch.einsum("bhd,bhnd->bhn", qkv[:, 0, 0].double(), qkv[:, :, 1].transpose(1, 2).double())
         scores = naive.softmax(logits * ref.attn.scale).mean(dim=1)
+    return ref, blk, x, scores
+
+
+def test_selection_on_a_lora_block_equals_timm_on_the_gathered_tokens():
+    """A planned block whose qkv and fc1 are peft LoRA layers: scores, kept tokens and gradients."""
+    ref, blk, x, scores = _lora_block_pair()
+    keep = 6
     idx = naive.select_tokens(scores, keep, 1)
     assert torch.equal(ops.select_tokens(blk.token_scores(x), keep, 1), idx)
 
@@ -147,18 +154,9 @@ def test_selection_on_a_lora_block_equals_timm_on_the_gathered_tokens():
 def test_drop_mode_on_a_lora_block_equals_timm_then_its_top_tokens():
     """Drop mode on a block whose qkv and fc1 are peft LoRA layers: the tokens passed on are ranked by the
     block's own (adapted) attention, and the adapters get timm's gradients."""
-    torch.manual_seed(0)
-    ref = Block(36, 3, qkv_bias=True)
-    inject_adapter_in_model(lora_config(r"(attn\.qkv|mlp\.fc1)"), ref)
-    blk = copy.deepcopy(ref)
-    blk.__class__ = ViTBlock
-    blk.init_alast()
-    x = torch.randn(2, 14, 36, requires_grad=True)
+    ref, blk, x, scores = _lora_block_pair()
     keep = 6
-    with torch.no_grad():
-        qkv = ref.attn.qkv(ref.norm1(x)).view(2, 14, 3, 3, 12)
-        logits = torch.einsum("bhd,bhnd->bhn", qkv[:, 0, 0].double(), qkv[:, :, 1].transpose(1, 2).double())
-        idx = naive.select_tokens(naive.softmax(logits * ref.attn.scale).mean(dim=1), keep, 1)
+    idx = naive.select_tokens(scores, keep, 1)
     blk.train()
     blk.alast_plan = BlockPlan(keep / 13, num_patches=13, tokens="drop")
     out = blk(x)
