@@ -45,6 +45,11 @@ class _Unset:
 UNSET = _Unset()
 
 
+def default_train_layers(num_layers: int) -> int:
+    """How many of ``num_layers`` blocks train each step unless told: ``ceil(0.75·L)``, the authors' 9 of 12."""
+    return math.ceil(0.75 * num_layers)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """The plans of one step, one entry per block.
@@ -174,7 +179,7 @@ class ALaST:
                                      "pass it (alpha=lr)")
                 self.alpha = _check_positive("alpha", alpha)
         if train_layers is None:
-            train_layers = math.ceil(0.75 * L)
+            train_layers = default_train_layers(L)
         if not isinstance(train_layers, numbers.Integral) or isinstance(train_layers, bool) \
                 or not 1 <= train_layers <= L:
             raise ValueError(f"train_layers: expected an int in [1, {L}] (the model has {L} blocks), "

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 import alast_kernels as ak
+from alast_kernels.controller import default_train_layers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_canvas import DigitCanvas, TensorImages, digit_tasks  # noqa: E402
@@ -308,7 +309,7 @@ def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
     if args.freeze_embeddings:
         options["train_embeddings"] = False
     if args.policy == "fixed":
-        trained = args.train_layers or math.ceil(0.75 * depth)
+        trained = args.train_layers or default_train_layers(depth)
         options.update(keep_ratios=[args.token_budget] * depth, train=[l >= depth - trained for l in range(depth)])
     return options
 

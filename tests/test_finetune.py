@@ -16,8 +16,11 @@ from digits_canvas import DigitCanvas, batches, digit_tasks
 CPU = torch.device("cpu")
 CHANCE = 1 / 5  # both embedded tasks have 5 classes
 # A 2-block job that takes a few seconds; each test adds what it checks.
-TINY = ["--depth", "2", "--steps", "4", "--pretrain-steps", "3", "--batch-size", "8", "--probes", "2",
-        "--threads", "1", "--quiet", "--methods", "full,alast"]
+TINY_DEFAULT_TOKENS = ["--depth", "2", "--steps", "4", "--pretrain-steps", "3", "--batch-size", "8", "--probes", "2",
+                       "--threads", "1", "--quiet", "--methods", "full,alast"]
+# Two blocks are too few for ALaST's default drop mode at the job's token budget of 0.5 (the first block
+# processes every token, so the mean is at least (1 + min_keep)/2 = 0.6): the tiny jobs carry tokens.
+TINY = TINY_DEFAULT_TOKENS + ["--tokens", "carry"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_measured_steps_leave_training_unchanged(name):
     finals = []
     for probes in (0, 5):
         torch.manual_seed(1)  # LoRA's initial adapters are drawn
-        method = ak.methods.create(name, copy.deepcopy(start), token_budget=0.5, train_layers=1)
+        method = ak.methods.create(name, copy.deepcopy(start), token_budget=0.5, train_layers=1, tokens="carry")
         run = training.train(method, train_set, steps=5, batch_size=8, lr=1e-3, weight_decay=0.05, seed=3,
                              device=CPU, desc="", show=False, probes=probes)
         assert len(run["probes"]) == probes
@@ -200,7 +203,7 @@ def test_checkpoint_option(tmp_path, cache_dir):
 @pytest.mark.parametrize("policy", ["fixed", "paper"])
 def test_other_policies(tmp_path, cache_dir, policy):
     budget = ["--token-budget", "0.4"] if policy == "fixed" else []  # 'paper' refuses one (its budgets adapt)
-    record = finetune.main(TINY + ["--depth", "3", "--policy", policy, *budget, "--train-layers", "2",
+    record = finetune.main(TINY_DEFAULT_TOKENS + ["--depth", "3", "--policy", policy, *budget, "--train-layers", "2",
                                    "--methods", "alast", "--out", str(tmp_path / "out"), "--cache-dir", cache_dir])
     alast = record["runs"]["alast"][0]
     if policy == "fixed":  # the token budget in every layer, the deepest --train-layers trained, every step
@@ -226,7 +229,9 @@ def test_new_alast_options_reach_the_controller():
     import timm
     import alast_kernels as ak
     for argv, check in (
-            (TINY + ["--policy", "paper", "--lr", "0.002"], lambda c: c.alpha == 0.002 and c.tokens == "drop"),
+            (TINY_DEFAULT_TOKENS + ["--policy", "paper", "--lr", "0.002"],
+             lambda c: c.alpha == 0.002 and c.tokens == "drop"),
+            (TINY_DEFAULT_TOKENS + ["--token-budget", "0.6"], lambda c: c.tokens == "drop" and c.policy == "alast"),
             (TINY + ["--policy", "paper", "--tokens", "carry"], lambda c: c.tokens == "carry"),
             (TINY + ["--tokens", "drop", "--token-budget", "0.7"],
              lambda c: c.tokens == "drop" and c.token_budget == 0.7),

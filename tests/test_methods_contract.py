@@ -283,3 +283,15 @@ def test_a_creation_failing_after_all_its_changes_leaves_the_model_as_it_was(nam
     with pytest.raises(RuntimeError, match="very end"):
         methods.create(name, model)
     _assert_unchanged(model, before, handle, calls)
+
+
+def test_alast_takes_its_options_from_the_controller():
+    """One signature: the ``alast`` method's options are ``ALaST.__init__``'s keywords, ``alast+lora`` adds the
+    LoRA ones; nothing is repeated with its own defaults."""
+    import inspect
+
+    from alast_kernels.controller import ALaST
+    controller = [n for n in inspect.signature(ALaST.__init__).parameters if n not in ("self", "model")]
+    assert methods.options_of(type(methods.create("alast", tiny()))) == controller
+    lora = methods.options_of(type(methods.create("alast+lora", tiny())))
+    assert lora[:4] == ["rank", "lora_alpha", "dropout", "target_modules"] and lora[4:] == controller

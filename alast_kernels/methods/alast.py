@@ -2,11 +2,11 @@
 peft LoRA adapters (the combination the ALaST paper reports)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch.nn as nn
 
-from ..controller import UNSET, ALaST
+from ..controller import ALaST
 from .base import Method, register, set_trainable
 from .lora import DEFAULT_TARGETS, add_lora
 
@@ -17,26 +17,16 @@ class ALaSTMethod(Method):
     summary = "adaptive per-layer token budgets and layer freezing, all weights trainable"
     trains_backbone = True
 
-    def __init__(self, model: nn.Module, token_budget=UNSET, train_layers: Optional[int] = None,
-                 policy: str = "alast", alpha=UNSET, min_keep=UNSET, sample: bool = False,
-                 seed: int = 0, train_embeddings: Optional[bool] = None,
-                 keep_ratios: Optional[Sequence[float]] = None, train: Optional[Sequence[bool]] = None,
-                 tokens: Optional[str] = None, flop_budget=None):
+    # Its options are the controller's own keywords and defaults (``options_of`` reads them from there).
+    option_source = ALaST.__init__
+
+    def __init__(self, model: nn.Module, **options):
         super().__init__(model)
         # The controller reads which embeddings require grad, so the flags are set first; a refused option
-        # puts every flag back, so a failed create leaves the user's model as it was.
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        # leaves the user's model as it was through create()'s restore (methods/base.py).
         if self.name == "alast":
             set_trainable(self.model, self.model.parameters())
-        try:
-            self.controller = ALaST(self.model, token_budget=token_budget, train_layers=train_layers,
-                                    policy=policy, alpha=alpha, min_keep=min_keep, sample=sample, seed=seed,
-                                    train_embeddings=train_embeddings, keep_ratios=keep_ratios, train=train,
-                                    tokens=tokens, flop_budget=flop_budget)
-        except BaseException:
-            for p, requires_grad in flags:
-                p.requires_grad_(requires_grad)
-            raise
+        self.controller = ALaST(self.model, **options)
 
     def step(self, update: bool = True):
         return self.controller.step(update=update)

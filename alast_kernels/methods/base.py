@@ -71,12 +71,15 @@ def create(name: str, model: nn.Module, **options) -> "Method":
 
 def options_of(cls: Type["Method"]) -> List[str]:
     """The keyword options of method class ``cls``: its ``__init__``'s, and its bases' where it passes
-    ``**kwargs`` on."""
+    ``**kwargs`` on; a class whose ``option_source`` names the callable it passes its options to (as
+    ``alast`` passes them to the controller) has that callable's."""
     names: List[str] = []
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
-        params = inspect.signature(klass.__init__).parameters.values()
+        params = list(inspect.signature(klass.__init__).parameters.values())
+        if "option_source" in vars(klass):
+            params += list(inspect.signature(vars(klass)["option_source"]).parameters.values())
         names += [p.name for p in params if p.name not in ("self", "model") and p.name not in names
                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if not any(p.kind is p.VAR_KEYWORD for p in params):
