@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -25,6 +24,7 @@ from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
 from timm.models.vision_transformer import Block
 
 from . import ops
+from .ops._checks import is_int, is_real
 from .backends.reference.attention import cls_probabilities
 
 __all__ = ["BlockPlan", "ViTBlock"]
@@ -67,7 +67,7 @@ class BlockPlan:
 
     def __post_init__(self):
         r = self.keep_ratio
-        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or not 0 < r <= 1:
+        if not is_real(r) or not math.isfinite(r) or not 0 < r <= 1:
             raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
         object.__setattr__(self, "keep_ratio", float(r))  # numpy scalars too
         if self.tokens not in TOKEN_MODES:
@@ -79,7 +79,7 @@ class BlockPlan:
             raise ValueError(f"num_prefix: expected a positive int, got {P!r}")
         n = self.num_patches
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            if not is_int(n) or n < 1:
                 raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
             n = int(n)
             object.__setattr__(self, "num_patches", n)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,6 +23,7 @@ import torch.nn as nn
 from . import cost, distributed, policies
 from .block import TOKEN_MODES, BlockPlan, ViTBlock, keep_count
 from .convert import convert
+from .ops._checks import is_int, is_real
 from .vit import embedding_parameters, find_vit, model_blocks
 
 __all__ = ["ALaST", "StepPlan", "UNSET"]
@@ -71,19 +71,14 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _is_number(value) -> bool:
-    """A real number that is not a bool: Python's and numpy's ints and floats alike."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-
-
 def _check_fraction(name: str, value) -> float:
-    if not _is_number(value) or not math.isfinite(value) or not (0 < value <= 1):
+    if not is_real(value) or not math.isfinite(value) or not (0 < value <= 1):
         raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
     return float(value)
 
 
 def _check_positive(name: str, value) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return float(value)
 
@@ -91,7 +86,7 @@ def _check_positive(name: str, value) -> float:
 def _check_numbers(name: str, values, count: int, lo: float = -math.inf, hi: float = math.inf) -> List[float]:
     """``values`` as ``count`` finite floats in ``[lo, hi]``; ``ValueError`` naming ``name`` otherwise."""
     if not isinstance(values, (list, tuple)) or len(values) != count \
-            or not all(_is_number(v) and math.isfinite(v) and lo <= v <= hi for v in values):
+            or not all(is_real(v) and math.isfinite(v) and lo <= v <= hi for v in values):
         raise ValueError(f"{name}: expected a list of {count} finite numbers in [{lo}, {hi}], got {values!r}")
     return [float(v) for v in values]
 
@@ -180,13 +175,13 @@ class ALaST:
                 self.alpha = _check_positive("alpha", alpha)
         if train_layers is None:
             train_layers = default_train_layers(L)
-        if not isinstance(train_layers, numbers.Integral) or isinstance(train_layers, bool) \
+        if not is_int(train_layers) \
                 or not 1 <= train_layers <= L:
             raise ValueError(f"train_layers: expected an int in [1, {L}] (the model has {L} blocks), "
                              f"got {train_layers!r}")
         self.train_layers = int(train_layers)
         self.sample = bool(sample) or policy == "paper"
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        if not is_int(seed):
             raise ValueError(f"seed: expected an int, got {seed!r}")
         self.seed = int(seed)
         if train_embeddings is None:
@@ -481,7 +476,7 @@ class ALaST:
             raise ValueError("state['previous_deltas']: the 'paper' policy needs the previous step's Δ, got None")
         prev = None if prev is None else _check_numbers("state['previous_deltas']", prev, L, 0.0)
         step = state["step"]
-        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"state['step']: expected an int >= 0, got {step!r}")
         generator = state["generator"]
         if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
