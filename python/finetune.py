@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_.add_argument("--lr", type=_positive_float, default=1e-3,
                         help="AdamW peak learning rate of methods that train the backbone (5%% linear warm-up, "
                              "cosine decay)")
+    train_.add_argument("--head-lr", type=_positive_float, default=None,
+                        help="AdamW peak learning rate of the new classifier of methods that train the backbone "
+                             "(default: --lr, as the rest of the model)")
     train_.add_argument("--adapter-lr", type=_positive_float, default=ADAPTER_LR,
                         help="AdamW peak learning rate of methods that keep the backbone frozen")
     train_.add_argument("--weight-decay", type=_non_negative_float, default=0.05, help="AdamW weight decay")
@@ -329,9 +332,11 @@ def fine_tune(name: str, start: torch.nn.Module, train_set, test_set, args, devi
     lr = args.lr if method.trains_backbone else args.adapter_lr
     run = train(method, train_set, steps=steps, batch_size=args.batch_size, lr=lr,
                 weight_decay=args.weight_decay, seed=seed, device=device, desc=f"{name} (seed {seed})",
-                show=show, probes=probes, model=model, rank=rank, world=world)
+                show=show, probes=probes, model=model, rank=rank, world=world,
+                head_lr=args.head_lr if method.trains_backbone else None)
     probes_done = run.pop("probes")
-    result = {"accuracy": evaluate(method.model, test_set, device), "lr": lr, "steps": steps,
+    result = {"accuracy": evaluate(method.model, test_set, device), "lr": lr,
+              "head_lr": args.head_lr if method.trains_backbone else None, "steps": steps,
               "final_loss": sum(run["losses"][-10:]) / len(run["losses"][-10:]), **run,
               "trainable_parameters": method.num_trainable()}
     if probes_done:
@@ -483,7 +488,7 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
     skipped = [m for m in DEFAULT_METHODS if m not in ak.methods.available()]
     say(f"methods:  {', '.join(args.methods)}" + (f" (not in this install: {', '.join(skipped)})" if skipped else ""))
     say(f"training: {args.steps} steps x batch {args.batch_size}, AdamW (warm-up + cosine), lr {args.lr:g} "
-        f"(backbone) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
+        f"(backbone{f', its new head {args.head_lr:g}' if args.head_lr else ''}) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
         + (f"seeds {args.seed}..{args.seed + args.seeds - 1}" if args.seeds > 1 else f"seed {args.seed}"), flush=True)
 
     if args.resume:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune  # noqa: E402
 import real_backbone  # noqa: E402
 from digits_canvas import TensorImages  # noqa: E402
+from job_output import job_settings, state_digest  # noqa: E402
 from report import method_table, write_json  # noqa: E402
 from starting_weights import create_model  # noqa: E402
 from training import evaluate  # noqa: E402
@@ -37,40 +39,51 @@ from training import evaluate  # noqa: E402
 
 @dataclass(frozen=True)
 class Variant:
-    """One method at one compute level: ``label`` names it in the record, ``family`` groups the levels."""
+    """One method at one compute level: ``label`` names it in the record, ``family`` groups the levels; the
+    run is the job's with its command-line options ``argv`` added and ``options`` passed to the method."""
     label: str
     method: str
+    argv: Tuple[str, ...] = ()
     options: Dict = field(default_factory=dict)
     family: str = ""
     level: Optional[float] = None
 
 
 PAPER_TRAINED = (1 / 3, 7 / 12, 5 / 6)  # the paper policy's levels: these fractions of the blocks train (4/7/10 of 12)
+FLOP_LEVELS = (0.4, 0.55, 0.7)  # ALaST's flop_budget levels: training FLOPs as a fraction of full fine-tuning's
+KEEP_RATES = (0.5, 0.7, 0.9)  # EViT's and Sparse-Tuning's keep rates
 
 
 def variants(depth: int = 12) -> List[Variant]:
-    """Every method, the token methods at 3 compute levels each, for a ViT of ``depth`` blocks."""
+    """Every method, the token methods at 3 compute levels each, for a ViT of ``depth`` blocks.
+
+    ALaST's default policy runs in both token modes (``drop``, its default, and ``carry``) at the same
+    three training-FLOP budgets; the authors' ``paper`` policy (drop mode) has no FLOP budget of its own, so
+    its levels are how many blocks train per step."""
     out = [Variant(m, m, family=m) for m in ("full", "linear", "lora", "synqt", "losa")]
-    for budget in (0.4, 0.55, 0.7):
-        out.append(Variant(f"alast@{budget:g}", "alast", {"token_budget": budget},
-                           "alast", budget))
+    for tokens, family in (("drop", "alast"), ("carry", "alast-carry")):
+        for budget in FLOP_LEVELS:
+            out.append(Variant(f"{family}@{budget:g}", "alast", ("--flop-budget", str(budget), "--tokens", tokens),
+                               family=family, level=budget))
     for fraction in PAPER_TRAINED:
         layers = max(1, round(fraction * depth))
-        out.append(Variant(f"alast-paper@{fraction:.2f}", "alast", {"policy": "paper", "train_layers": layers},
-                           "alast-paper", fraction))
+        out.append(Variant(f"alast-paper@{fraction:.2f}", "alast", ("--policy", "paper", "--train-layers", str(layers)),
+                           family="alast-paper", level=fraction))
     for family in ("evit", "sparse_tuning"):
-        for keep in (0.5, 0.7, 0.9):
-            out.append(Variant(f"{family}@{keep:g}", family, {"keep_rate": keep}, family, keep))
+        for keep in KEEP_RATES:
+            out.append(Variant(f"{family}@{keep:g}", family, options={"keep_rate": keep}, family=family, level=keep))
     return out
 
 
 # The job's options of each preset; the study's own sizes are below. Sized from measured step times so that
 # the whole study takes at most 90 minutes on 2 CPU cores (see docs/real-backbone.md and --estimate).
-STUDY_ARGS = ["--backbone", "dinov2-s14", "--task", "clutter", "--img-size", "112", "--batch-size", "32",
-              "--lr", "1e-4", "--steps", "80", "--probes", "3", "--quiet"]
+# Batch 16 x 160 steps, backbone lr 2e-5 and new head 5e-3: of the schedules of this compute tried for full
+# fine-tuning (docs/real-backbone.md), the one that passed the linear probe by the widest margin.
+STUDY_ARGS = ["--backbone", "dinov2-s14", "--task", "clutter", "--img-size", "112", "--batch-size", "16",
+              "--lr", "2e-5", "--head-lr", "5e-3", "--steps", "160", "--probes", "3", "--quiet"]
 STUDY_SEEDS, STUDY_TEST_IMAGES = 3, 400
 SMOKE_ARGS = ["--backbone", "own", "--task", "clutter", "--model", "vit_tiny_patch16_224", "--depth", "5",
-              "--img-size", "42", "--patch-size", "14", "--batch-size", "4", "--pretrain-steps", "2", "--steps", "2",
+              "--img-size", "56", "--patch-size", "14", "--batch-size", "4", "--pretrain-steps", "2", "--steps", "2",
               "--probes", "1", "--quiet"]
 SMOKE_SEEDS, SMOKE_TEST_IMAGES = 2, 20
 ESTIMATE_TEST_IMAGES = 32
@@ -95,16 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the job's)")
     p.add_argument("--cache-dir", default=None, help="the job's --cache-dir")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where study.json/.png go")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished study.json in --out: keep its runs, run the missing ones (the "
+                        "settings must be the same)")
     return p
 
 
-def job_args(study: argparse.Namespace) -> argparse.Namespace:
+def job_args(study: argparse.Namespace, variant: Optional[Variant] = None) -> argparse.Namespace:
+    """The job's options for the study (or for one ``variant``: the study's plus the variant's own)."""
     argv = list(SMOKE_ARGS if study.smoke else STUDY_ARGS)
     if study.threads:
         argv += ["--threads", str(study.threads)]
     if study.cache_dir:
         argv += ["--cache-dir", study.cache_dir]
-    return finetune.parse_args(argv + ["--methods", "all"])
+    return finetune.parse_args(argv + list(variant.argv if variant else ()) + ["--methods", "all"])
 
 
 def chosen_variants(text: str, depth: int) -> List[Variant]:
@@ -126,15 +143,52 @@ def run_study(argv: Optional[List[str]] = None) -> Dict:
     depth = 5 if study.smoke else 12
     chosen = chosen_variants(study.variants, depth)
     seeds = study.seeds or (SMOKE_SEEDS if study.smoke else STUDY_SEEDS)
+    json_path = os.path.join(study.out, "study.json")
+    if study.resume and study.estimate:
+        raise SystemExit("--resume: continues a study; --estimate runs none")
+    earlier = None if study.estimate else _earlier_record(json_path, study.resume)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     try:
-        return _run(study, args, chosen, seeds)
+        return _run(study, args, chosen, seeds, earlier)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(study, args, chosen: List[Variant], seeds: int) -> Dict:
+def _earlier_record(path: str, resume: bool) -> Optional[Dict]:
+    """The unfinished record to continue (``--resume``), or None for a new study. A new study replaces a
+    finished record (that is how ``make study`` reproduces it) but never an unfinished one silently."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        if resume:
+            raise SystemExit(f"--resume: there is no {path} to continue") from None
+        return None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--out: cannot read the earlier record {path} ({type(e).__name__}: {e})") from None
+    if resume:
+        return record
+    if not record.get("complete", True):
+        raise SystemExit(f"--out: {path} holds an unfinished study ({_count(record)} runs); continue it with "
+                         "--resume, or move it away to start anew")
+    return None
+
+
+def _count(record: Dict) -> int:
+    return sum(len(r) for r in record.get("runs", {}).values())
+
+
+def _check_same(earlier: Dict, record: Dict) -> None:
+    """``--resume`` continues only the same study: the same job options, weights, data, variants, seeds."""
+    differ = [key for key in ("smoke", "settings", "seeds", "data", "start_weights_sha256", "variants")
+              if json.loads(json.dumps(earlier.get(key))) != json.loads(json.dumps(record[key]))]
+    if differ:
+        raise SystemExit(f"--resume: the earlier study differs in {', '.join(differ)}; run it with the same "
+                         "settings, or start anew in another --out")
+
+
+def _run(study, args, chosen: List[Variant], seeds: int, earlier: Optional[Dict]) -> Dict:
     device = torch.device(args.device)
     started = time.perf_counter()
     train_set, test_set, classes, data_text = finetune.load_data(args)
@@ -148,22 +202,46 @@ def _run(study, args, chosen: List[Variant], seeds: int) -> Dict:
     print(f"data: {data_text}; evaluated on {len(test_set)} held-out images\n"
           f"weights: {weights.pop('text')}", flush=True)
     steps = study.estimate_steps if study.estimate else args.steps
-    runs: Dict[str, List[Dict]] = {v.label: [] for v in chosen}
+    record = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": finetune._machine(device), "smoke": study.smoke, "args": vars(args),
+        "settings": job_settings(args, world=1), "seeds": list(range(seeds)), "complete": False,
+        "data": {"text": data_text, "train_size": len(train_set), "test_size": len(test_set)},
+        "start_weights": weights, "start_weights_sha256": state_digest(start),
+        "variants": [{"label": v.label, "method": v.method, "argv": list(v.argv), "options": v.options,
+                      "family": v.family, "level": v.level} for v in chosen],
+        "runs": {v.label: [] for v in chosen}, "study_seconds": 0.0,
+    }
+    if earlier is not None:
+        _check_same(earlier, record)
+        record["runs"].update(earlier["runs"])
+        record["study_seconds"] = earlier.get("study_seconds", 0.0)
+        print(f"resuming: {_count(record)} of {len(chosen) * seeds} runs done", flush=True)
+    runs: Dict[str, List[Dict]] = record["runs"]
     overhead: Dict[str, List[float]] = {v.label: [] for v in chosen}
+    json_path = os.path.join(study.out, "study.json")
+    os.makedirs(study.out, exist_ok=True)
     for seed in range(seeds if not study.estimate else 1):
         torch.manual_seed(seed)
         head_start = copy.deepcopy(start)
         head_start.reset_classifier(len(classes))  # the same seeded head for every variant of this seed
         head_start.to(device)
         for v in chosen:
+            if any(r["seed"] == seed for r in runs[v.label]):
+                continue
             began = time.perf_counter()
-            result = finetune.fine_tune(v.method, head_start, train_set, test_set, args, device, seed, steps,
-                                        False, min(args.probes, steps), extra_options=v.options)
+            result = finetune.fine_tune(v.method, head_start, train_set, test_set, job_args(study, v), device, seed,
+                                        steps, False, min(args.probes, steps), extra_options=v.options)
             result.pop("history", None)  # per-step plans: in the job's own budgets.png, too big for the record
+            result["seed"] = seed
             overhead[v.label].append(time.perf_counter() - began - result["train_seconds"])
             runs[v.label].append(result)
             print(f"seed {seed} {v.label:18s} accuracy {100 * result['accuracy']:5.1f}%  "
                   f"step {1e3 * result['median_step_seconds']:6.0f} ms", flush=True)
+            if not study.estimate:  # every finished run is on disk at once: an interrupted study loses none
+                record["study_seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                write_json(record, json_path)
     if study.estimate:
         began = time.perf_counter()
         evaluate(head_start, test_set, device)
@@ -171,29 +249,28 @@ def _run(study, args, chosen: List[Variant], seeds: int) -> Dict:
         for label in overhead:
             overhead[label][0] += per_image * (test_images - len(test_set))
         return _estimate(study, args, chosen, runs, overhead, seeds)
-    summary = {label: finetune.summarise(r) for label, r in runs.items()}
-    record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": finetune._machine(device), "smoke": study.smoke, "args": vars(args), "seeds": list(range(seeds)),
-        "data": {"text": data_text, "train_size": len(train_set), "test_size": len(test_set)},
-        "start_weights": weights,
-        "variants": [{"label": v.label, "method": v.method, "options": v.options, "family": v.family, "level": v.level}
-                     for v in chosen],
-        "runs": runs, "summary": summary, "study_seconds": time.perf_counter() - started,
-    }
+    return finish(record, study.out)
+
+
+def finish(record: Dict, out: str) -> Dict:
+    """Summarise a record whose runs are all done (mean/std/min/max per variant, ratios to full fine-tuning),
+    mark it complete and write ``study.json``, the table and ``study.png`` into ``out``."""
+    runs = record["runs"]
+    summary = record["summary"] = {label: finetune.summarise(r) for label, r in runs.items()}
     if "full" in summary:
         full = summary["full"]
         record["relative_to_full"] = {
             label: {"accuracy_gap_points": 100 * (s["accuracy"]["mean"] - full["accuracy"]["mean"]),
                     "accuracy_std_points": 100 * s["accuracy"]["std"],
                     **{f"{k}_ratio": s[k]["mean"] / full[k]["mean"]
-                       for k in ("train_flops", "peak_activation_bytes", "train_seconds")
+                       for k in ("train_flops", "peak_activation_bytes", "train_seconds", "median_step_seconds")
                        if k in s and full[k]["mean"]}}
             for label, s in summary.items()}
-    os.makedirs(study.out, exist_ok=True)
-    json_path, png_path = os.path.join(study.out, "study.json"), os.path.join(study.out, "study.png")
+    record["complete"] = True
+    json_path, png_path = os.path.join(out, "study.json"), os.path.join(out, "study.png")
     write_json(record, json_path)
-    print("\n" + method_table(summary, seeds=seeds, memory_kind=runs[chosen[0].label][0].get("memory_kind")))
+    first = next(iter(runs.values()))[0]
+    print("\n" + method_table(summary, seeds=len(record["seeds"]), memory_kind=first.get("memory_kind")))
     if "relative_to_full" in record:
         plot_study(record, png_path)
         print(f"\nwrote {json_path}, {png_path}; {record['study_seconds']:.0f} s")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from alast_kernels.measure import count_flops, peak_cuda_memory, saved_activation_bytes
 from digits_canvas import TensorImages, batches
 
-__all__ = ["lr_factor", "train", "evaluate", "inference_cost", "cached_epochs"]
+__all__ = ["lr_factor", "parameter_groups", "train", "evaluate", "inference_cost", "cached_epochs"]
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -98,17 +98,31 @@ def _measure_step(method, model, x, y, device: torch.device) -> Dict:
     return {"flops": flops, "activation_bytes": memory}
 
 
+def parameter_groups(method, lr: float, head_lr: Optional[float]) -> List[Dict]:
+    """AdamW's parameter groups: every trainable parameter at ``lr``; with ``head_lr``, the classifier's
+    (``model.get_classifier()``, the new head) at ``head_lr`` instead — a new head learns from scratch while
+    pretrained weights only need nudging."""
+    params = method.trainable_parameters()
+    if head_lr is None:
+        return [{"params": params, "lr": lr}]
+    head = {id(p) for p in method.model.get_classifier().parameters()}
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": lr},
+              {"params": [p for p in params if id(p) in head], "lr": head_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def train(method, source, *, steps: int, batch_size: int, lr: float, weight_decay: float, seed: int,
           device: torch.device, desc: str, show: bool, probes: int = 0, model: Optional[torch.nn.Module] = None,
-          rank: int = 0, world: int = 1) -> Dict:
-    """``steps`` AdamW steps of ``method`` on batches of ``source``.
+          rank: int = 0, world: int = 1, head_lr: Optional[float] = None) -> Dict:
+    """``steps`` AdamW steps of ``method`` on batches of ``source`` (the classifier at ``head_lr`` if given,
+    see :func:`parameter_groups`).
 
     ``model`` is what is called (default ``method.model``; a DDP wrapper of it under torchrun). Every rank
     draws the same global batch of ``batch_size`` and trains on its ``rank::world`` slice.
     """
     model = method.model if model is None else model
     model.train()
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(method, lr, head_lr), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     probe_steps = {round(i * (steps - 1) / max(1, probes - 1)) for i in range(probes)} if probes else set()
     step_seconds, losses, measured = [], [], []

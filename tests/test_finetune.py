@@ -425,3 +425,19 @@ def test_feature_cache_measurement(tmp_path, cache_dir, capsys):
     assert "losa with its feature cache" in capsys.readouterr().out
     message = _exit_message(["--methods", "losa", "--feature-cache", "1"], tmp_path, cache_dir)
     assert "max_bytes" in message
+
+
+def test_head_lr_puts_only_the_new_classifier_in_its_own_group():
+    """--head-lr: the classifier's parameters train at head_lr, every other trainable one at lr; without it,
+    one group at lr (the job's behaviour before the option)."""
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)
+    method = ak.methods.create("full", vit)
+    trainable = {id(p) for p in method.trainable_parameters()}
+    head = {id(p) for p in vit.get_classifier().parameters()}
+    (single,) = training.parameter_groups(method, 1e-5, None)
+    assert single["lr"] == 1e-5 and {id(p) for p in single["params"]} == trainable
+    body, new_head = training.parameter_groups(method, 1e-5, 2e-3)
+    assert body["lr"] == 1e-5 and {id(p) for p in body["params"]} == trainable - head
+    assert new_head["lr"] == 2e-3 and {id(p) for p in new_head["params"]} == head
+    args = finetune.parse_args(["--head-lr", "2e-3"])
+    assert args.head_lr == 2e-3 and finetune.parse_args([]).head_lr is None

