@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -106,6 +106,36 @@ def keep_count(ratio: float, num_patches: int, rule: str = "ceil", num_prefix: i
         # The small slack keeps 0.5 * 196 = 98.00000000000001 from rounding up to 99.
         count = math.ceil(ratio * num_patches - 1e-9)
     return min(num_patches, max(1, count))
+
+
+# ------------------------------------------------------------------------------ per-block statistics
+# What the planned forwards of a step measured, per block: float32 ``(4,)``, added to in place by every
+# planned forward (so a compiled block records it without a guard on its value), reset by `ALaST.step()`:
+# [Σ mean-over-images Δ, forwards, Σ non-prefix tokens processed, Σ summed-over-images Δ].
+def new_stats(device: torch.device) -> torch.Tensor:
+    """Statistics of no forward yet: float32 zeros ``(4,)`` on ``device``."""
+    return torch.zeros(4, dtype=torch.float32, device=device)
+
+
+def _record_stats(stats: torch.Tensor, moved: torch.Tensor, processed: int) -> None:
+    """Add one planned forward to ``stats``: ``moved`` ``(B,)`` is each image's ‖c_out − c_in‖²."""
+    delta = moved.mean()
+    stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, processed), moved.sum()]))
+
+
+class StepStats(NamedTuple):
+    """The recorded statistics per forward (each of the shape of ``stats[..., 0]``; NaN where ``forwards``
+    is 0)."""
+    forwards: torch.Tensor      # planned forwards recorded
+    mean_delta: torch.Tensor    # Δ averaged over the images of a forward
+    summed_delta: torch.Tensor  # Δ summed over the images of a forward (the authors' measure)
+    processed: torch.Tensor     # non-prefix tokens a forward processed
+
+
+def read_stats(stats: torch.Tensor) -> StepStats:
+    """``(..., 4)`` statistics (one block's, or several stacked) -> their per-forward means."""
+    forwards = stats[..., 1]
+    return StepStats(forwards, stats[..., 0] / forwards, stats[..., 3] / forwards, stats[..., 2] / forwards)
 
 
 # Block keywords a ViTBlock honours; any other keyword Block has must keep its default value.
@@ -238,22 +268,23 @@ class ViTBlock(Block):
         """Set the ALaST state on a block (called by the constructor and by ``convert``)."""
         self.num_prefix_tokens = num_prefix_tokens
         self.alast_plan: Optional[BlockPlan] = None
-        # What the planned forwards of a step measured, float32, added to in place (so a compiled block
-        # records it without a guard on its value); reset by `ALaST.step()`:
-        # [Σ mean-over-images Δ, forwards, Σ non-prefix tokens processed, Σ summed-over-images Δ].
-        self.alast_stats: Optional[torch.Tensor] = None
+        self.alast_stats: Optional[torch.Tensor] = None  # see `new_stats`
+
+    def _recorded(self) -> Optional[StepStats]:
+        stats = None if self.alast_stats is None else read_stats(self.alast_stats)
+        return None if stats is None or stats.forwards.item() == 0 else stats
 
     @property
     def alast_importance(self) -> Optional[torch.Tensor]:
         """Mean Δ (class-token movement) over the planned forwards recorded in :attr:`alast_stats`."""
-        stats = self.alast_stats
-        return None if stats is None or stats[1].item() == 0 else stats[0] / stats[1]
+        stats = self._recorded()
+        return None if stats is None else stats.mean_delta
 
     @property
     def alast_keep(self) -> Optional[int]:
         """Non-prefix tokens the recorded planned forwards processed (their mean, rounded)."""
-        stats = self.alast_stats
-        return None if stats is None or stats[1].item() == 0 else round((stats[2] / stats[1]).item())
+        stats = self._recorded()
+        return None if stats is None else round(stats.processed.item())
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -296,11 +327,8 @@ class ViTBlock(Block):
                 processed = keep
         with torch.no_grad():
             if self.alast_stats is None:
-                self.alast_stats = torch.zeros(4, dtype=torch.float32, device=x.device)
-            moved = delta_cls.float().pow(2).sum(-1)  # (B,) ‖c_out − c_in‖² per image
-            delta = moved.mean()
-            self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, processed),
-                                               moved.sum()]))
+                self.alast_stats = new_stats(x.device)
+            _record_stats(self.alast_stats, delta_cls.float().pow(2).sum(-1), processed)
         return out
 
     def _timm_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:

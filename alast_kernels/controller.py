@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import cost, distributed, policies
-from .block import TOKEN_MODES, BlockPlan, ViTBlock, keep_count
+from .block import TOKEN_MODES, BlockPlan, ViTBlock, keep_count, new_stats, read_stats
 from .convert import convert
 from .ops._checks import is_int, is_real
 from .vit import embedding_parameters, find_vit, model_blocks
@@ -392,7 +392,7 @@ class ALaST:
         self._clear_gradients(self._frozen_parameters(plan))
         for blk, block_plan in zip(self.blocks, plan.blocks):
             blk.alast_plan = block_plan
-            blk.alast_stats = torch.zeros(4, dtype=torch.float32, device=_device(blk))
+            blk.alast_stats = new_stats(_device(blk))
         # Nothing below the embeddings needs their gradient: without requires_grad they record no graph.
         embeddings = [(p, p.requires_grad) for p in self._frozen_embeddings()]
         for p, _ in embeddings:
@@ -415,15 +415,14 @@ class ALaST:
                 p.requires_grad_(requires_grad)
 
     def _finish(self, plan: StepPlan) -> None:
-        stats = torch.stack([blk.alast_stats.to("cpu", torch.float64) for blk in self.blocks])  # one sync
-        missing = [i for i, forwards in enumerate(stats[:, 1].tolist()) if forwards == 0]
+        stats = read_stats(torch.stack([blk.alast_stats.to("cpu", torch.float64) for blk in self.blocks]))  # one sync
+        missing = [i for i, forwards in enumerate(stats.forwards.tolist()) if forwards == 0]
         if missing:
             raise RuntimeError(f"ALaST.step(): blocks {missing} ran no forward pass inside the step")
         # Δ per forward, averaged over the step's forwards (micro-batches; checkpointing's recomputation):
         # the authors' sums over the images of a batch, the library's own policy averages over them.
-        moved = stats[:, 3] if self.policy == "paper" else stats[:, 0]
-        deltas = (moved / stats[:, 1]).tolist()
-        keeps = [round(k) for k in (stats[:, 2] / stats[:, 1]).tolist()]
+        deltas = (stats.summed_delta if self.policy == "paper" else stats.mean_delta).tolist()
+        keeps = [round(k) for k in stats.processed.tolist()]
         if self.process_group is not None:
             deltas = distributed.mean_over_ranks(deltas, self.process_group)
         self.history.append({
