@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from timm.layers import Attention, LayerNorm as TimmLayerNorm, Mlp
-from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from . import ops
+from .fusion import LAYER_NORMS, fused_mlp_approximation, may_fuse
 from .ops._checks import is_int, is_real
 from .backends.reference.attention import cls_probabilities
 
@@ -160,37 +160,6 @@ def check_supported(block: nn.Module) -> None:
         raise NotImplementedError("gated attention (Attention.gate): not supported by ViTBlock")
 
 
-# ------------------------------------------------------------------------------ module or fused op
-# A fused op stands in for a module only when the module is exactly the type the op implements and
-# nothing observes its call: anything else — a peft/loralib LoRA layer, a subclass, a quantised linear,
-# a module with hooks — is called as a module, so whatever it adds is computed and trained.
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
-
-
-# timm's own LayerNorm (its ViTs' default) computes F.layer_norm like nn.LayerNorm: both are exact types.
-_LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
-
-
-def _plain(module: nn.Module, types) -> bool:
-    """``module`` is exactly one of ``types`` (no subclass) and has no hooks: a fused op may replace its call."""
-    return type(module) in (types if isinstance(types, tuple) else (types,)) and not _hooked(module)
-
-
-def _gelu_approximation(act: nn.Module) -> Optional[str]:
-    if _hooked(act):
-        return None
-    if type(act) is nn.GELU:
-        return act.approximate
-    if type(act) is TimmGELU:
-        return "none"
-    if type(act) is TimmGELUTanh:
-        return "tanh"
-    return None
-
-
 def _param(t: Optional[torch.Tensor], train: bool) -> Optional[torch.Tensor]:
     return t if train or t is None else t.detach()
 
@@ -204,27 +173,16 @@ def _run(module: nn.Module, train: bool, *args):
 
 
 def _linear(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
-    if _plain(module, nn.Linear):
+    if may_fuse(module, nn.Linear):
         return ops.masked_linear(x, module.weight, module.bias, train)
     return _run(module, train, x)
 
 
 def _layer_norm(norm: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
-    if _plain(norm, _LAYER_NORMS):
+    if may_fuse(norm, LAYER_NORMS):
         return F.layer_norm(x, norm.normalized_shape, _param(norm.weight, train), _param(norm.bias, train),
                             norm.eps)
     return _run(norm, train, x)
-
-
-def _fused_mlp_approximation(mlp: nn.Module, training: bool) -> Optional[str]:
-    """GELU's ``approximate`` when ``mlp`` is a plain timm ``Mlp`` that ``ops.masked_mlp`` computes exactly,
-    else ``None`` (the module is called)."""
-    if not (_plain(mlp, Mlp) and _plain(mlp.fc1, nn.Linear) and _plain(mlp.fc2, nn.Linear)
-            and _plain(mlp.norm, nn.Identity)):
-        return None
-    if training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
-        return None
-    return _gelu_approximation(mlp.act)
 
 
 class ViTBlock(Block):
@@ -371,7 +329,7 @@ class ViTBlock(Block):
         if select or keep < num_patches:
             idx = ops.select_tokens(self.token_scores(x), keep, self.num_prefix_tokens)
             norm1 = self.norm1
-            if _plain(norm1, _LAYER_NORMS):
+            if may_fuse(norm1, LAYER_NORMS):
                 x_kept, h = ops.gather_layer_norm(x, idx, _param(norm1.weight, train), _param(norm1.bias, train),
                                                   norm1.eps, check_indices=False)
             else:
@@ -424,7 +382,7 @@ class ViTBlock(Block):
         """
         h = _layer_norm(self.norm2, y, train)
         mlp = self.mlp
-        approximate = _fused_mlp_approximation(mlp, self.training)
+        approximate = fused_mlp_approximation(mlp, self.training)
         if approximate is None:
             m = _run(mlp, train, h)
         else:
@@ -442,7 +400,7 @@ class ViTBlock(Block):
         attn = self.attn
         q_norm = None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm
         k_norm = None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm
-        if _plain(self.norm1, _LAYER_NORMS) and _plain(attn.qkv, nn.Linear):
+        if may_fuse(self.norm1, LAYER_NORMS) and may_fuse(attn.qkv, nn.Linear):
             return ops.cls_scores(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
                                   attn.num_heads, eps=self.norm1.eps, scale=attn.scale, q_norm=q_norm,
                                   k_norm=k_norm)
