@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block
 
 from . import ops
 from .fusion import LAYER_NORMS, fused_mlp_approximation, may_fuse
-from .ops._checks import is_int, is_real
+from ._validate import check_fraction, check_int
 from .backends.reference.attention import cls_probabilities
 
 __all__ = ["BlockPlan", "ViTBlock"]
@@ -66,23 +66,17 @@ class BlockPlan:
     _keep_size: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        r = self.keep_ratio
-        if not is_real(r) or not math.isfinite(r) or not 0 < r <= 1:
-            raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
-        object.__setattr__(self, "keep_ratio", float(r))  # numpy scalars too
+        # Stored as Python numbers: numpy scalars are accepted too.
+        object.__setattr__(self, "keep_ratio", check_fraction("keep_ratio", self.keep_ratio))
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens: expected one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}")
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule: expected one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
-        P = self.num_prefix
-        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-            raise ValueError(f"num_prefix: expected a positive int, got {P!r}")
-        n = self.num_patches
+        P = check_int("num_prefix", self.num_prefix, 1)
+        object.__setattr__(self, "num_prefix", P)
+        n = check_int("num_patches", self.num_patches, 1, optional=True)
+        object.__setattr__(self, "num_patches", n)
         if n is not None:
-            if not is_int(n) or n < 1:
-                raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
-            n = int(n)
-            object.__setattr__(self, "num_patches", n)
             keep = keep_count(self.keep_ratio, n, self.keep_rule, P)
             size = torch.empty(keep, 0)  # no storage: only its size matters
             torch._dynamo.maybe_mark_dynamic(size, 0)

@@ -19,14 +19,13 @@ import contextlib
 import copy
 import functools
 import inspect
-from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Type
+from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Type
 
 import torch.nn as nn
 
-from ..ops._checks import is_int
 from ..vit import find_vit
 
-__all__ = ["Method", "ModelState", "register", "available", "create", "options_of", "set_trainable", "check_int"]
+__all__ = ["Method", "ModelState", "register", "available", "create", "options_of", "set_trainable"]
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -85,16 +84,6 @@ def options_of(cls: Type["Method"]) -> List[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return names
-
-
-def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    """``value`` (a Python or numpy integer) as an ``int`` in ``[low, high]`` (no upper bound when ``high`` is
-    ``None``); ``ValueError`` naming ``name`` otherwise."""
-    if not is_int(value) or value < low or (high is not None and value > high):
-        expected = f"an int in [{low}, {high}]" if high is not None else \
-            "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return int(value)
 
 
 class ModelState:

@@ -10,7 +10,8 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import torch.nn as nn
 
-from .base import Method, check_int, register, set_trainable
+from .._validate import check_int
+from .base import Method, register, set_trainable
 from .token_fuse import TokenFuseViT
 
 __all__ = ["EViT"]

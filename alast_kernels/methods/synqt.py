@@ -33,7 +33,8 @@ from timm.models.vision_transformer import Block
 from .. import ops
 from ..fusion import may_fuse
 from ..vit import model_blocks
-from .base import check_int, register, set_trainable
+from .._validate import check_int
+from .base import register, set_trainable
 from .frozen_backbone import Features, FrozenBackboneMethod, FrozenBackboneModel
 
 __all__ = ["SynQT", "SynQTModel", "QuerySynthesis", "SynQTHead"]

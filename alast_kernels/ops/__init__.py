@@ -13,6 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .. import backend as _backend
+from .._validate import is_int
 from ..backends.autograd import compute_dtype as _autocast_dtype
 from . import _checks
 from ._query_attention import query_attention
@@ -132,7 +133,7 @@ def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
     """
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     D = x.shape[2]
-    if not _checks.is_int(num_heads) or num_heads < 1 or D % num_heads:
+    if not is_int(num_heads) or num_heads < 1 or D % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing D={D}, got {num_heads!r}")
     num_heads = int(num_heads)
     _checks.tensor("qkv_weight", qkv_weight, ndim=2, device=x.device)
