@@ -177,7 +177,7 @@ def method_lines() -> List[str]:
 
     lines = ["methods (alast_kernels.methods.create(name, model, **options)):"]
     for name in methods.available():
-        cls = methods.base._REGISTRY[name]
+        cls = methods.method_class(name)
         lines.append(f"  {name:<14} {cls.summary}")
         lines.append(f"  {'':<14} options: {', '.join(methods.options_of(cls)) or 'none'}")
     return lines

@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..vit import find_vit
 
-__all__ = ["Method", "ModelState", "register", "available", "create", "options_of", "set_trainable"]
+__all__ = ["Method", "ModelState", "register", "available", "method_class", "create", "options_of",
+           "set_trainable"]
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -43,15 +44,20 @@ def available() -> List[str]:
     return list(_REGISTRY)
 
 
+def method_class(name: str) -> Type["Method"]:
+    """The class registered as ``name``; ``ValueError`` listing the names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name: expected one of {', '.join(available())}, got {name!r}")
+    return _REGISTRY[name]
+
+
 def create(name: str, model: nn.Module, **options) -> "Method":
     """The method ``name`` over ``model`` (a timm ``VisionTransformer``, or a DDP/peft/compile wrapper of one).
 
     Options are the method class's keyword arguments; an unknown one raises ``TypeError`` naming it and
     listing the method's options.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"name: expected one of {', '.join(available())}, got {name!r}")
-    cls = _REGISTRY[name]
+    cls = method_class(name)
     accepted = options_of(cls)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -158,6 +164,12 @@ class Method:
     def __init__(self, model: nn.Module):
         self.vit = find_vit(model)
         self.model = model
+
+    @classmethod
+    def run_options(cls, steps: int) -> Dict:
+        """The options that depend on the run, for a run of ``steps`` optimizer steps (a schedule's length);
+        a job passes them to :func:`create` unless it sets them itself. None by default."""
+        return {}
 
     # --------------------------------------------------------------------------------- parameters
     def trainable_parameters(self) -> List[nn.Parameter]:

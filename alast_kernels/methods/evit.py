@@ -47,6 +47,11 @@ class EViT(Method):
         self.step_count = 0
         self._apply_schedule()
 
+    @classmethod
+    def run_options(cls, steps: int) -> Dict:
+        """The recipe's schedule scaled to the run: the keep rate falls over the first half of its steps."""
+        return {"schedule_steps": max(1, steps // 2)}
+
     def scheduled_keep_rate(self, step: Optional[int] = None) -> float:
         """The training keep rate of ``step`` (default: the next step)."""
         step = self.step_count if step is None else step
