@@ -3,9 +3,10 @@
 Prints the build metadata (versions, what the compiled extension was built for, the switches that change
 what runs), each backend's availability on each kind of device and why not, the fine-tuning methods with
 their options, which backend `auto` takes per op on CUDA tensors and why (a measured record or the
-vendor-first default, :mod:`alast_kernels.backends.measured`), and the table of declared
-capabilities (op × backend, from the backends' ``SUPPORTS``). ``--markdown`` prints only that table in
-the form the README shows; a test checks the README's copy equals it.
+vendor-first default, :mod:`alast_kernels.backends.measured`), and the table of declared capabilities
+(op × backend, from the declarations beside the implementations, collected into each backend's
+``SUPPORTS``). ``--markdown`` prints only that table, in the form docs/ops.md shows; a test checks that
+copy equals it.
 
 Loading the backends is part of the check: with ``ALAST_CUDA_EMULATION=1`` the emulated kernels are built
 on first use (see :mod:`alast_kernels._cuda_emulation`).
@@ -144,8 +145,7 @@ def markdown_table(modules: Optional[Dict[str, object]] = None) -> str:
     names = list(modules)
     rows = ["| op | " + " | ".join(names) + " | `auto` on CUDA tensors |",
             "|---" * (len(names) + 2) + "|",
-            "| *runs on* | " + " | ".join(modules[n].DEVICES_NOTE for n in names) + " | unmeasured: the vendor path "
-            "(reference) where one exists, else cuda, then triton, then reference |",
+            "| *runs on* | " + " | ".join(modules[n].DEVICES_NOTE for n in names) + f" | {measured.DEFAULT_ORDER} |",
             "| *dtypes* | " + " | ".join(modules[n].DEFAULT_SUPPORT.describe() for n in names) + " | |"]
     for op in modules["reference"].OPS:  # every op has a reference implementation
         cells = " | ".join(_cell(modules[n], op) for n in names)

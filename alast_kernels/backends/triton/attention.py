@@ -22,10 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
 
 _LOG2E = math.log2(math.e)
-MAX_HEAD_DIM = 128  # declared in the backend's SUPPORTS: 128-wide tiles fit the shared memory
+MAX_HEAD_DIM = 128  # declared below, on `attention`: 128-wide tiles fit the shared memory
 # Token tiles under the interpreter: 16 makes the tiny test shapes span several tiles; None takes the GPU's
 # tiles (the ViT-B/16-shape tests, where fewer, larger tiles are also faster to interpret).
 INTERPRETER_BLOCK = 16
@@ -281,6 +282,8 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+@implements(max_head_dim=MAX_HEAD_DIM,
+            how="flash forward/backward, any token count, class-token row from the saved logsumexp")
 @_common.on_tensor_device
 def attention(q, k, v, scale: float, return_cls: bool):
     """``softmax(q kᵀ · scale) v`` (``(B, H, Nq, Dh)``, dtype of ``q``, ``Dh`` ≤ 128); with ``return_cls``

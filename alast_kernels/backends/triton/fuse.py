@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
 from .select import _MAX_BLOCK as _MAX_SELECT_BLOCK, _selected, _sort_keys, _threshold
 
@@ -132,6 +133,8 @@ class FuseTokensFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+@implements(how="one pass over `x`: the row's selection from the scores, kept rows copied, the rest summed "
+                "into the fused token; backward one pass, no atomics")
 @_common.on_tensor_device
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N, D)`` tokens and ``(B, N)`` scores -> ``(B, num_prefix + keep + 1, D)`` in ``x``'s dtype

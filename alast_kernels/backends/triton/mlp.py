@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..autograd import mlp_forward, rows
-from ..reference.mlp import masked_linear  # noqa: F401  (the triton backend's masked_linear: see above)
+from ..reference import mlp as reference_mlp
+from ..support import FLOAT_DTYPES, implements
 from . import _common
 
 _BLOCK = 1024  # elements per program of the forward kernel
@@ -154,8 +155,13 @@ class MaskedMLPFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+@implements(how="cuBLAS matmuls + Triton GELU forward/backward kernels")
 @_common.on_tensor_device
 def masked_mlp(x, w1, b1, w2, b2, train, approximate):
     """``fc2(gelu(fc1(x)))``: x ``(..., D)``, w1 ``(F, D)``, w2 ``(Dout, F)``, biases or ``None``; computes in
     float32, float16 or bfloat16 (the GELU kernels' types)."""
     return MaskedMLPFunction.apply(x, w1, b1, w2, b2, train, approximate)
+
+
+# No elementwise part to fuse: the reference's own function (cuBLAS), declared for this backend too, any dtype.
+implements(dtypes=FLOAT_DTYPES, how="the reference's own: cuBLAS, nothing to fuse")(reference_mlp.masked_linear)

@@ -28,11 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
-from .attention import attend_all_keys
+from .attention import MAX_HEAD_DIM, attend_all_keys
 
 _LOG2E = math.log2(math.e)
-MAX_QUERIES = 128  # declared in the backend's SUPPORTS (with attention's head dim limit): one tile of queries
+MAX_QUERIES = 128  # declared below, on `query_attention` (with attention's head dim limit): one tile of queries
 # Key blocks under the interpreter: 16 makes the tiny test shapes span several blocks; None takes the GPU's.
 INTERPRETER_BLOCK = 16
 
@@ -176,6 +177,9 @@ class QueryAttentionFunction(torch.autograd.Function):
         return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None
 
 
+@implements(max_head_dim=MAX_HEAD_DIM, max_queries=MAX_QUERIES,
+            how="all queries in one tile, one pass over keys and values; backward with key/value gradients only "
+                "when they are needed")
 @_common.on_tensor_device
 def query_attention(q, k, v, scale: float):
     """``softmax(q kᵀ · scale) v``: ``(B, H, Tq, Dh)`` in the dtype of ``q`` (``Tq`` ≤ 128, ``Dh`` ≤ 128)."""

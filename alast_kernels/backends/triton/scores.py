@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..class_query import class_query_vectors
+from ..support import implements
 from . import _common
 
 # Elements of x per program of the logits kernel, 16 per thread with 8 warps (40 registers, 75% occupancy
@@ -81,6 +82,8 @@ def _softmax_mean_kernel(logit_ptr, max_ptr, sum_ptr, out_ptr, N, H, C,
     tl.store(out_ptr + b * N + toks, tl.sum(prob, axis=0) / H, mask=tok_ok)
 
 
+# No k_norm: the scoring identity needs plain keys (the reference projects them).
+@implements(k_norm=False, how="one read of `x`: LayerNorm statistics, H logits, softmax, head mean")
 @_common.on_tensor_device
 def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm, k_norm):
     """Float32 ``(B, N)`` head-mean class-token attention row of ``x`` ``(B, N, D)``; no gradient."""

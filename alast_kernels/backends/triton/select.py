@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
 
 # Tokens per block of the in-row loops: bigger rows loop over several blocks. 1024 with 8 warps keeps 4 keys
@@ -95,6 +96,8 @@ def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.c
         equal_seen += equal_here
 
 
+@implements(how="one program per row: binary search over order-preserving keys for the k-th score, then an "
+                "ordered prefix-sum pass; any N")
 @_common.on_tensor_device
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N)`` float32/float16/bfloat16 scores -> int64 ``(B, num_prefix + keep)`` indices (see the module

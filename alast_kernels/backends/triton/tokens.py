@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import gather_function, scatter_function
+from ..support import implements
 from . import _common
 
 _BLOCK_ROWS = 4  # kept rows per program
@@ -186,11 +187,13 @@ GatherFunction = gather_function(_gather, _scatter_add_into_zeros, "GatherFuncti
 ScatterFunction = scatter_function(_scatter, _gather, "ScatterFunction")
 
 
+@implements(how="row copy; backward atomic scatter-add (repeated indices allowed)")
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b]]``: ``(B, N, D)``, int64 ``(B, K)`` -> ``(B, K, D)`` in ``x``'s dtype."""
     return GatherFunction.apply(x, idx)
 
 
+@implements(how="inverse index map, one write per row")
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``x`` with ``delta[b, j]`` added at token ``idx[b, j]`` (unique per row): a new ``(B, N, D)`` tensor."""
     return ScatterFunction.apply(x, idx, delta)
@@ -243,6 +246,7 @@ class GatherLayerNormFunction(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, None
 
 
+@implements(how="fused gather + LayerNorm, fused backward")
 @_common.on_tensor_device
 def gather_layer_norm(x, idx, weight, bias, eps):
     """``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)`` in ``x``'s dtype (float32, float16 or
