@@ -12,7 +12,8 @@ How each number is found:
   ViT-B/16 shapes (batch 128, 197 tokens, 768 channels, 12 heads of 64, 99 kept tokens, bfloat16) plus the
   configurations other shapes select (long select rows, float32 attention tiles) — without running a
   kernel: the CUDA launches through the emulator's record-only mode (:mod:`alast_kernels._cuda_emulation`),
-  the Triton launches by intercepting ``JITFunction.run``.
+  the Triton launches, which each kernel module lists beside its launchers (``resource_launches``), by
+  intercepting ``JITFunction.run``.
 * **Registers, spills, static shared memory**: CUDA kernels from ``nvcc -Xptxas -v`` on the extension's
   ``.cu`` sources with its nvcc flags, both read from ``setup.py``; Triton kernels compiled by Triton for
   the recorded arguments (its own specialisation: dtypes, 16-byte alignment, divisibility) and ``ptxas -v``
@@ -210,15 +211,39 @@ def cuda_launches() -> List[dict]:
 
 
 # ------------------------------------------------------------------------------------------ Triton kernels
+@dataclass(frozen=True)
+class ReportShape:
+    """The report's main shape, ViT-B/16 at 224 px, batch 128: ``N`` tokens, ``D`` channels, ``H`` heads of
+    ``Dh``, ``K`` kept tokens (class token included), MLP width ``F``."""
+    B: int = 128
+    N: int = 197
+    D: int = 768
+    H: int = 12
+    Dh: int = 64
+    K: int = 99
+    F: int = 3072
+
+
+# The scenarios, in report order: the main shape first, then the configurations other shapes select.
+SCENARIOS = ("ViT-B/16", "N=4097", "float32", "head dim 128")
+
+
 def triton_launches() -> List[dict]:
-    """Every Triton launch of the launchers at the report's shapes: the kernel and its bound arguments."""
+    """Every Triton launch at the report's shapes: the kernel and its bound arguments. Each module of the
+    triton backend says which launches those are, beside its launchers (its ``resource_launches``)."""
     import importlib
+    import pkgutil
 
     from triton.runtime.jit import JITFunction
 
-    attention, fuse, mlp, query_attention, scores, select, tokens = (
-        importlib.import_module(f"alast_kernels.backends.triton.{name}")
-        for name in ("attention", "fuse", "mlp", "query_attention", "scores", "select", "tokens"))
+    from alast_kernels.backends import triton as backend
+
+    calls = {name: [] for name in SCENARIOS}
+    for info in pkgutil.iter_modules(backend.__path__):
+        module = importlib.import_module(f"{backend.__name__}.{info.name}")
+        if hasattr(module, "resource_launches"):
+            for name, call in module.resource_launches(ReportShape()).items():
+                calls[name].append(call)
 
     recorded: List[dict] = []
     shape = {"name": ""}
@@ -227,53 +252,12 @@ def triton_launches() -> List[dict]:
         recorded.append(dict(shape=shape["name"], fn=self, args=args, kwargs=kwargs,
                              grid=tuple(grid) + (1,) * (3 - len(grid))))
 
-    B, N, D, H, Dh, K, F = 128, 197, 768, 12, 64, 99, 3072
-    bf16 = dict(dtype=torch.bfloat16)
-
-    def vit_b():
-        x = torch.zeros(B, N, D, **bf16)
-        idx = torch.arange(K).expand(B, K).contiguous()
-        select.select_tokens(torch.zeros(B, N), K - 1, 1)
-        tokens._gather(x, idx)
-        tokens._scatter_add_into_zeros(torch.zeros(B, K, D, **bf16), idx, N)
-        tokens._scatter(x, idx, torch.zeros(B, K, D, **bf16))
-        w = torch.ones(D, **bf16, requires_grad=True)
-        kept, y = tokens.GatherLayerNormFunction.apply(x.requires_grad_(), idx, w, w, 1e-6)
-        torch.autograd.backward((kept, y), (torch.zeros_like(kept), torch.zeros_like(y)))
-        scores.cls_scores(x.detach(), None, None, torch.zeros(3 * D, D), None, H, 1e-6, Dh ** -0.5, None, None)
-        q = torch.zeros(B, H, K, Dh, **bf16)
-        o, lse = attention._attention_forward(q, q, q, Dh ** -0.5)
-        attention._attention_backward(q, q, q, o, lse, torch.zeros_like(q), Dh ** -0.5)
-        attention._cls_row(q, q, lse, Dh ** -0.5)
-        pre = torch.zeros(B * K, F, **bf16)
-        mlp._gelu(pre, "tanh")
-        mlp._gelu_backward_(torch.zeros_like(pre), pre, "tanh", write_h=True, need_db=True)
-        fused = fuse.fuse_tokens(x.detach().requires_grad_(), torch.zeros(B, N), 138, 1)  # Sparse-Tuning's 0.7
-        fused.backward(torch.zeros_like(fused))
-        queries = torch.zeros(B, H, 4, Dh, **bf16, requires_grad=True)  # SynQT: 4 queries per layer
-        for kv_grad in (False, True):
-            kv = torch.zeros(B, H, N, Dh, **bf16, requires_grad=kv_grad)
-            query_attention.query_attention(queries, kv, kv, Dh ** -0.5).backward(torch.zeros_like(queries))
-
-    def long_rows():
-        select.select_tokens(torch.zeros(B, 4097), 2048, 1)
-
-    def float32_attention():
-        q = torch.zeros(B, H, K, Dh)
-        o, lse = attention._attention_forward(q, q, q, Dh ** -0.5)
-        attention._attention_backward(q, q, q, o, lse, torch.zeros_like(q), Dh ** -0.5)
-
-    def head_dim_128():
-        q = torch.zeros(B, 6, K, 128, **bf16)
-        o, lse = attention._attention_forward(q, q, q, 128 ** -0.5)
-        attention._attention_backward(q, q, q, o, lse, torch.zeros_like(q), 128 ** -0.5)
-
     real_run = JITFunction.run
     JITFunction.run = record
     try:
-        for shape["name"], scenario in (("ViT-B/16", vit_b), ("N=4097", long_rows), ("float32", float32_attention),
-                                        ("head dim 128", head_dim_128)):
-            scenario()
+        for shape["name"] in SCENARIOS:
+            for call in calls[shape["name"]]:
+                call()
     finally:
         JITFunction.run = real_run
     return recorded

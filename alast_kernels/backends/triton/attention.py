@@ -17,6 +17,7 @@ the block's ``transpose(1, 2).reshape(B, Nq, H·Dh)`` needs no copy. The backend
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 import triton
@@ -292,3 +293,17 @@ def attention(q, k, v, scale: float, return_cls: bool):
     if return_cls:
         return o, _cls_row(q.detach(), k.detach(), lse, scale)
     return o
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def forward_backward(q, cls_row=False):
+        scale = q.shape[-1] ** -0.5
+        o, lse = _attention_forward(q, q, q, scale)
+        _attention_backward(q, q, q, o, lse, torch.zeros_like(q), scale)
+        if cls_row:
+            _cls_row(q, q, lse, scale)
+    return {"ViT-B/16": lambda: forward_backward(torch.zeros(s.B, s.H, s.K, s.Dh, dtype=torch.bfloat16), True),
+            "float32": lambda: forward_backward(torch.zeros(s.B, s.H, s.K, s.Dh)),  # other tiles
+            "head dim 128": lambda: forward_backward(torch.zeros(s.B, 6, s.K, 128, dtype=torch.bfloat16))}

@@ -19,6 +19,8 @@ the reference's exactly.
 """
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
 import triton
 import triton.language as tl
@@ -165,3 +167,13 @@ def masked_mlp(x, w1, b1, w2, b2, train, approximate):
 
 # No elementwise part to fuse: the reference's own function (cuBLAS), declared for this backend too, any dtype.
 implements(dtypes=FLOAT_DTYPES, how="the reference's own: cuBLAS, nothing to fuse")(reference_mlp.masked_linear)
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        pre = torch.zeros(s.B * s.K, s.F, dtype=torch.bfloat16)
+        _gelu(pre, "tanh")
+        _gelu_backward_(torch.zeros_like(pre), pre, "tanh", write_h=True, need_db=True)
+    return {"ViT-B/16": vit_b}

@@ -23,6 +23,7 @@ declares ``Tq`` and head dims up to 128 and float32/float16/bfloat16: the dispat
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 import triton
@@ -184,3 +185,14 @@ class QueryAttentionFunction(torch.autograd.Function):
 def query_attention(q, k, v, scale: float):
     """``softmax(q kᵀ · scale) v``: ``(B, H, Tq, Dh)`` in the dtype of ``q`` (``Tq`` ≤ 128, ``Dh`` ≤ 128)."""
     return QueryAttentionFunction.apply(q, k, v, scale)
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        queries = torch.zeros(s.B, s.H, 4, s.Dh, dtype=torch.bfloat16, requires_grad=True)  # SynQT: 4 per layer
+        for kv_grad in (False, True):
+            kv = torch.zeros(s.B, s.H, s.N, s.Dh, dtype=torch.bfloat16, requires_grad=kv_grad)
+            query_attention(queries, kv, kv, s.Dh ** -0.5).backward(torch.zeros_like(queries))
+    return {"ViT-B/16": vit_b}

@@ -13,6 +13,7 @@ hold: the reference (which projects the keys) runs instead; so does float64 inpu
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 import triton
@@ -111,3 +112,11 @@ def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, 
             logits, block_max, block_sum, out, N, H, C, BLOCK_N=out_block, BLOCK_H=block_h,
             BLOCK_C=max(2, min(64, triton.next_power_of_2(C))))
     return out
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    x = torch.zeros(s.B, s.N, s.D, dtype=torch.bfloat16)
+    return {"ViT-B/16": lambda: cls_scores(x, None, None, torch.zeros(3 * s.D, s.D), None, s.H, 1e-6, s.Dh ** -0.5,
+                                           None, None)}

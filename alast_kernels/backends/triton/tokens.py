@@ -12,6 +12,8 @@ requires indices unique within each row, as its contract says: each output token
 """
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
 import triton
 import triton.language as tl
@@ -253,3 +255,18 @@ def gather_layer_norm(x, idx, weight, bias, eps):
     bfloat16); weight/bias: ``(D,)`` or ``None``. Statistics in float32."""
     params = [None if p is None else p.contiguous() for p in (weight, bias)]
     return GatherLayerNormFunction.apply(x.contiguous(), idx.contiguous(), params[0], params[1], float(eps))
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        x = torch.zeros(s.B, s.N, s.D, dtype=torch.bfloat16)
+        idx = torch.arange(s.K).expand(s.B, s.K).contiguous()
+        _gather(x, idx)
+        _scatter_add_into_zeros(torch.zeros(s.B, s.K, s.D, dtype=torch.bfloat16), idx, s.N)
+        _scatter(x, idx, torch.zeros(s.B, s.K, s.D, dtype=torch.bfloat16))
+        w = torch.ones(s.D, dtype=torch.bfloat16, requires_grad=True)
+        kept, y = GatherLayerNormFunction.apply(x.requires_grad_(), idx, w, w, 1e-6)
+        torch.autograd.backward((kept, y), (torch.zeros_like(kept), torch.zeros_like(y)))
+    return {"ViT-B/16": vit_b}
