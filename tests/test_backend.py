@@ -251,6 +251,15 @@ def test_docs_backend_table_is_generated_from_the_declarations():
     assert info.readme_table((ROOT / "docs" / "ops.md").read_text()) == info.markdown_table()
 
 
+def test_docs_contracts_are_the_ops_docstrings():
+    """docs/ops.md lists every op of ``alast_kernels.ops.__all__`` with its docstring as its contract (one
+    source): regenerate with ``make backend-table`` when a contract changes."""
+    from alast_kernels import info
+    table = info.contracts((ROOT / "docs" / "ops.md").read_text())
+    assert table == info.contract_table()
+    assert [row.split("`")[1].split("(")[0] for row in table.splitlines()[2:]] == ops.__all__
+
+
 def test_info_prints_build_availability_with_reasons_and_the_table():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "alast_kernels.info"], cwd=ROOT, env=env, capture_output=True,

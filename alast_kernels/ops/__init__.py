@@ -89,7 +89,8 @@ def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, *,
 def gather_layer_norm(x: torch.Tensor, idx: torch.Tensor, weight: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], eps: float = 1e-6, *,
                       check_indices: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gathered tokens and their LayerNorm: ``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)``.
+    """Gathered tokens and their LayerNorm in one pass: ``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both
+    ``(B, K, D)``.
 
     weight, bias: ``(D,)`` or ``None``. Backward adds both outputs' gradients into ``x``'s at ``idx``.
     """
@@ -108,9 +109,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
               return_cls: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Softmax attention ``softmax(q kᵀ · scale) v`` per batch and head.
 
-    q: ``(B, H, Nq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device. ``scale`` defaults to
-    ``Dh ** -0.5``. With ``return_cls`` also returns float32 ``(B, Nk)``: the head mean of query 0's
-    probability row, without gradient.
+    q: ``(B, H, Nq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device, at least one query, key and
+    channel. ``scale``: a finite number > 0, default ``Dh ** -0.5``. With ``return_cls`` also returns float32
+    ``(B, Nk)``: the head mean of query 0's probability row, without gradient.
     """
     scale = _checks.attention_inputs(q, k, v, scale)
     Dh = q.shape[3]
