@@ -68,7 +68,8 @@ bench: $(STAMP)
 gpu-resources: $(STAMP)
 	$(PY) benchmarks/gpu_resources.py
 
-# docs/ops.md's backend table, from the backends' declared capabilities.
+# docs/ops.md's generated tables: the op contracts (the ops' docstrings) and the backend table (the
+# declarations beside the implementations).
 backend-table: $(STAMP)
 	$(PY) -c "import alast_kernels.info as info; info.write_readme_table('docs/ops.md')"
 

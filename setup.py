@@ -12,6 +12,7 @@ is a CUDA build, a CUDA toolkit is found, and a GPU is visible or ``ALAST_FORCE_
 With the extension the version carries a local tag naming CUDA and torch (``0.1.0+cu130torch2.14``), and
 ``alast_kernels/_build_info.py`` records what it was built for; the package checks that at import.
 """
+import glob
 import os
 import platform
 import re
@@ -23,7 +24,17 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
-SOURCES = ["csrc/ops.cpp", "csrc/select_tokens.cu", "csrc/tokens.cu", "csrc/cls_scores.cu"]
+# The compiler flags of the extension; benchmarks/gpu_resources.py compiles the kernels with the same ones.
+CXX_FLAGS = ["-O3", "-g0"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+
+def cuda_sources():
+    """The extension's sources, relative to the project root: ``csrc/*.cpp`` (the op registrations) and
+    ``csrc/*.cu`` (one launcher file per kernel family), found rather than listed, so a new kernel file is
+    compiled without editing this script."""
+    found = [sorted(glob.glob(os.path.join(ROOT, "csrc", pattern))) for pattern in ("*.cpp", "*.cu")]
+    return [os.path.join("csrc", os.path.basename(path)) for paths in found for path in paths]
 
 
 def _flag(name):
@@ -125,9 +136,9 @@ def main():
     include = [os.path.join(ROOT, "csrc")]
     ext = CUDAExtension(
         "alast_kernels._C",
-        sources=SOURCES,
+        sources=cuda_sources(),
         include_dirs=include,
-        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
     )
     setup(
         version=f"{version}+cu{cuda.replace('.', '')}torch{torch_minor}",
@@ -136,4 +147,6 @@ def main():
     )
 
 
-main()
+# setuptools runs this script as __main__; benchmarks/gpu_resources.py imports it for its flags and sources.
+if __name__ == "__main__":
+    main()

@@ -26,10 +26,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import backends as _package
-from .backends import measured
+from .backends import BACKENDS, measured
 from .backends.support import Call, Supports, dtype_name
 
-BACKENDS: Tuple[str, ...] = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
 _selected: Optional[str] = None

@@ -13,18 +13,18 @@ import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from timm.layers import Attention, LayerNorm as TimmLayerNorm, Mlp
-from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from . import ops
-from .ops._checks import is_int, is_real
+from .fusion import LAYER_NORMS, fused_mlp_approximation, may_fuse
+from ._validate import check_fraction, check_int
 from .backends.reference.attention import cls_probabilities
 
 __all__ = ["BlockPlan", "ViTBlock"]
@@ -66,23 +66,17 @@ class BlockPlan:
     _keep_size: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        r = self.keep_ratio
-        if not is_real(r) or not math.isfinite(r) or not 0 < r <= 1:
-            raise ValueError(f"keep_ratio: expected a number in (0, 1], got {r!r}")
-        object.__setattr__(self, "keep_ratio", float(r))  # numpy scalars too
+        # Stored as Python numbers: numpy scalars are accepted too.
+        object.__setattr__(self, "keep_ratio", check_fraction("keep_ratio", self.keep_ratio))
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens: expected one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}")
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule: expected one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
-        P = self.num_prefix
-        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-            raise ValueError(f"num_prefix: expected a positive int, got {P!r}")
-        n = self.num_patches
+        P = check_int("num_prefix", self.num_prefix, 1)
+        object.__setattr__(self, "num_prefix", P)
+        n = check_int("num_patches", self.num_patches, 1, optional=True)
+        object.__setattr__(self, "num_patches", n)
         if n is not None:
-            if not is_int(n) or n < 1:
-                raise ValueError(f"num_patches: expected a positive int or None, got {n!r}")
-            n = int(n)
-            object.__setattr__(self, "num_patches", n)
             keep = keep_count(self.keep_ratio, n, self.keep_rule, P)
             size = torch.empty(keep, 0)  # no storage: only its size matters
             torch._dynamo.maybe_mark_dynamic(size, 0)
@@ -108,6 +102,36 @@ def keep_count(ratio: float, num_patches: int, rule: str = "ceil", num_prefix: i
     return min(num_patches, max(1, count))
 
 
+# ------------------------------------------------------------------------------ per-block statistics
+# What the planned forwards of a step measured, per block: float32 ``(4,)``, added to in place by every
+# planned forward (so a compiled block records it without a guard on its value), reset by `ALaST.step()`:
+# [Σ mean-over-images Δ, forwards, Σ non-prefix tokens processed, Σ summed-over-images Δ].
+def new_stats(device: torch.device) -> torch.Tensor:
+    """Statistics of no forward yet: float32 zeros ``(4,)`` on ``device``."""
+    return torch.zeros(4, dtype=torch.float32, device=device)
+
+
+def _record_stats(stats: torch.Tensor, moved: torch.Tensor, processed: int) -> None:
+    """Add one planned forward to ``stats``: ``moved`` ``(B,)`` is each image's ‖c_out − c_in‖²."""
+    delta = moved.mean()
+    stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, processed), moved.sum()]))
+
+
+class StepStats(NamedTuple):
+    """The recorded statistics per forward (each of the shape of ``stats[..., 0]``; NaN where ``forwards``
+    is 0)."""
+    forwards: torch.Tensor      # planned forwards recorded
+    mean_delta: torch.Tensor    # Δ averaged over the images of a forward
+    summed_delta: torch.Tensor  # Δ summed over the images of a forward (the authors' measure)
+    processed: torch.Tensor     # non-prefix tokens a forward processed
+
+
+def read_stats(stats: torch.Tensor) -> StepStats:
+    """``(..., 4)`` statistics (one block's, or several stacked) -> their per-forward means."""
+    forwards = stats[..., 1]
+    return StepStats(forwards, stats[..., 0] / forwards, stats[..., 3] / forwards, stats[..., 2] / forwards)
+
+
 # Block keywords a ViTBlock honours; any other keyword Block has must keep its default value.
 _HONOURED = {
     "dim", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias",
@@ -130,37 +154,6 @@ def check_supported(block: nn.Module) -> None:
         raise NotImplementedError("gated attention (Attention.gate): not supported by ViTBlock")
 
 
-# ------------------------------------------------------------------------------ module or fused op
-# A fused op stands in for a module only when the module is exactly the type the op implements and
-# nothing observes its call: anything else — a peft/loralib LoRA layer, a subclass, a quantised linear,
-# a module with hooks — is called as a module, so whatever it adds is computed and trained.
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
-
-
-# timm's own LayerNorm (its ViTs' default) computes F.layer_norm like nn.LayerNorm: both are exact types.
-_LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
-
-
-def _plain(module: nn.Module, types) -> bool:
-    """``module`` is exactly one of ``types`` (no subclass) and has no hooks: a fused op may replace its call."""
-    return type(module) in (types if isinstance(types, tuple) else (types,)) and not _hooked(module)
-
-
-def _gelu_approximation(act: nn.Module) -> Optional[str]:
-    if _hooked(act):
-        return None
-    if type(act) is nn.GELU:
-        return act.approximate
-    if type(act) is TimmGELU:
-        return "none"
-    if type(act) is TimmGELUTanh:
-        return "tanh"
-    return None
-
-
 def _param(t: Optional[torch.Tensor], train: bool) -> Optional[torch.Tensor]:
     return t if train or t is None else t.detach()
 
@@ -174,27 +167,16 @@ def _run(module: nn.Module, train: bool, *args):
 
 
 def _linear(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
-    if _plain(module, nn.Linear):
+    if may_fuse(module, nn.Linear):
         return ops.masked_linear(x, module.weight, module.bias, train)
     return _run(module, train, x)
 
 
 def _layer_norm(norm: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
-    if _plain(norm, _LAYER_NORMS):
+    if may_fuse(norm, LAYER_NORMS):
         return F.layer_norm(x, norm.normalized_shape, _param(norm.weight, train), _param(norm.bias, train),
                             norm.eps)
     return _run(norm, train, x)
-
-
-def _fused_mlp_approximation(mlp: nn.Module, training: bool) -> Optional[str]:
-    """GELU's ``approximate`` when ``mlp`` is a plain timm ``Mlp`` that ``ops.masked_mlp`` computes exactly,
-    else ``None`` (the module is called)."""
-    if not (_plain(mlp, Mlp) and _plain(mlp.fc1, nn.Linear) and _plain(mlp.fc2, nn.Linear)
-            and _plain(mlp.norm, nn.Identity)):
-        return None
-    if training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
-        return None
-    return _gelu_approximation(mlp.act)
 
 
 class ViTBlock(Block):
@@ -238,22 +220,23 @@ class ViTBlock(Block):
         """Set the ALaST state on a block (called by the constructor and by ``convert``)."""
         self.num_prefix_tokens = num_prefix_tokens
         self.alast_plan: Optional[BlockPlan] = None
-        # What the planned forwards of a step measured, float32, added to in place (so a compiled block
-        # records it without a guard on its value); reset by `ALaST.step()`:
-        # [Σ mean-over-images Δ, forwards, Σ non-prefix tokens processed, Σ summed-over-images Δ].
-        self.alast_stats: Optional[torch.Tensor] = None
+        self.alast_stats: Optional[torch.Tensor] = None  # see `new_stats`
+
+    def _recorded(self) -> Optional[StepStats]:
+        stats = None if self.alast_stats is None else read_stats(self.alast_stats)
+        return None if stats is None or stats.forwards.item() == 0 else stats
 
     @property
     def alast_importance(self) -> Optional[torch.Tensor]:
         """Mean Δ (class-token movement) over the planned forwards recorded in :attr:`alast_stats`."""
-        stats = self.alast_stats
-        return None if stats is None or stats[1].item() == 0 else stats[0] / stats[1]
+        stats = self._recorded()
+        return None if stats is None else stats.mean_delta
 
     @property
     def alast_keep(self) -> Optional[int]:
         """Non-prefix tokens the recorded planned forwards processed (their mean, rounded)."""
-        stats = self.alast_stats
-        return None if stats is None or stats[1].item() == 0 else round((stats[2] / stats[1]).item())
+        stats = self._recorded()
+        return None if stats is None else round(stats.processed.item())
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -296,11 +279,8 @@ class ViTBlock(Block):
                 processed = keep
         with torch.no_grad():
             if self.alast_stats is None:
-                self.alast_stats = torch.zeros(4, dtype=torch.float32, device=x.device)
-            moved = delta_cls.float().pow(2).sum(-1)  # (B,) ‖c_out − c_in‖² per image
-            delta = moved.mean()
-            self.alast_stats.add_(torch.stack([delta, torch.ones_like(delta), torch.full_like(delta, processed),
-                                               moved.sum()]))
+                self.alast_stats = new_stats(x.device)
+            _record_stats(self.alast_stats, delta_cls.float().pow(2).sum(-1), processed)
         return out
 
     def _timm_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
@@ -343,7 +323,7 @@ class ViTBlock(Block):
         if select or keep < num_patches:
             idx = ops.select_tokens(self.token_scores(x), keep, self.num_prefix_tokens)
             norm1 = self.norm1
-            if _plain(norm1, _LAYER_NORMS):
+            if may_fuse(norm1, LAYER_NORMS):
                 x_kept, h = ops.gather_layer_norm(x, idx, _param(norm1.weight, train), _param(norm1.bias, train),
                                                   norm1.eps, check_indices=False)
             else:
@@ -396,7 +376,7 @@ class ViTBlock(Block):
         """
         h = _layer_norm(self.norm2, y, train)
         mlp = self.mlp
-        approximate = _fused_mlp_approximation(mlp, self.training)
+        approximate = fused_mlp_approximation(mlp, self.training)
         if approximate is None:
             m = _run(mlp, train, h)
         else:
@@ -414,7 +394,7 @@ class ViTBlock(Block):
         attn = self.attn
         q_norm = None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm
         k_norm = None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm
-        if _plain(self.norm1, _LAYER_NORMS) and _plain(attn.qkv, nn.Linear):
+        if may_fuse(self.norm1, LAYER_NORMS) and may_fuse(attn.qkv, nn.Linear):
             return ops.cls_scores(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
                                   attn.num_heads, eps=self.norm1.eps, scale=attn.scale, q_norm=q_norm,
                                   k_norm=k_norm)

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from . import cost, distributed, policies
-from .block import TOKEN_MODES, BlockPlan, ViTBlock, keep_count
+from .block import TOKEN_MODES, BlockPlan, ViTBlock, keep_count, new_stats, read_stats
 from .convert import convert
-from .ops._checks import is_int, is_real
+from ._validate import check_fraction, check_int, check_real, check_reals
 from .vit import embedding_parameters, find_vit, model_blocks
 
 __all__ = ["ALaST", "StepPlan", "UNSET"]
@@ -69,26 +69,6 @@ class StepPlan:
 
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _check_fraction(name: str, value) -> float:
-    if not is_real(value) or not math.isfinite(value) or not (0 < value <= 1):
-        raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_positive(name: str, value) -> float:
-    if not is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_numbers(name: str, values, count: int, lo: float = -math.inf, hi: float = math.inf) -> List[float]:
-    """``values`` as ``count`` finite floats in ``[lo, hi]``; ``ValueError`` naming ``name`` otherwise."""
-    if not isinstance(values, (list, tuple)) or len(values) != count \
-            or not all(is_real(v) and math.isfinite(v) and lo <= v <= hi for v in values):
-        raise ValueError(f"{name}: expected a list of {count} finite numbers in [{lo}, {hi}], got {values!r}")
-    return [float(v) for v in values]
 
 
 class ALaST:
@@ -152,11 +132,11 @@ class ALaST:
             if token_budget is not UNSET and flop_budget is not None:
                 raise ValueError("token_budget, flop_budget: give one of them (a flop_budget replaces the token "
                                  "budget), not both")
-            self.flop_budget = None if flop_budget is None else _check_fraction("flop_budget", flop_budget)
+            self.flop_budget = None if flop_budget is None else check_fraction("flop_budget", flop_budget)
             self.token_budget = None if self.flop_budget is not None else \
-                _check_fraction("token_budget", 0.6 if token_budget is UNSET else token_budget)
-            self.alpha = _check_fraction("alpha", 0.1 if alpha is UNSET else alpha)
-            self.min_keep = _check_fraction("min_keep", 0.2 if min_keep is UNSET else min_keep)
+                check_fraction("token_budget", 0.6 if token_budget is UNSET else token_budget)
+            self.alpha = check_fraction("alpha", 0.1 if alpha is UNSET else alpha)
+            self.min_keep = check_fraction("min_keep", 0.2 if min_keep is UNSET else min_keep)
             if self.token_budget is not None:
                 if self.min_keep > self.token_budget:
                     raise ValueError(f"min_keep: expected at most token_budget={self.token_budget}, got {min_keep}")
@@ -172,18 +152,12 @@ class ALaST:
                 if alpha is UNSET:
                     raise ValueError("alpha: the 'paper' policy updates budgets at the optimizer's learning rate; "
                                      "pass it (alpha=lr)")
-                self.alpha = _check_positive("alpha", alpha)
+                self.alpha = check_real("alpha", alpha, 0, low_open=True)
         if train_layers is None:
             train_layers = default_train_layers(L)
-        if not is_int(train_layers) \
-                or not 1 <= train_layers <= L:
-            raise ValueError(f"train_layers: expected an int in [1, {L}] (the model has {L} blocks), "
-                             f"got {train_layers!r}")
-        self.train_layers = int(train_layers)
+        self.train_layers = check_int("train_layers", train_layers, 1, L, note=f" (the model has {L} blocks)")
         self.sample = bool(sample) or policy == "paper"
-        if not is_int(seed):
-            raise ValueError(f"seed: expected an int, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         if train_embeddings is None:
             # As the model stands: embeddings left trainable train, as in full fine-tuning; frozen ones (peft
             # LoRA freezes them) stay frozen and cost no autograd graph.
@@ -202,7 +176,7 @@ class ALaST:
                 raise ValueError(f"keep_ratios: expected {L} entries (one per block), got {len(keep_ratios)}")
             if len(train) != L:
                 raise ValueError(f"train: expected {L} entries (one per block), got {len(train)}")
-            self.keep_ratios = [_check_fraction(f"keep_ratios[{i}]", r) for i, r in enumerate(keep_ratios)]
+            self.keep_ratios = [check_fraction(f"keep_ratios[{i}]", r) for i, r in enumerate(keep_ratios)]
             if drop and (self.keep_ratios[0] != 1
                          or any(b > a for a, b in zip(self.keep_ratios, self.keep_ratios[1:]))):
                 raise ValueError(f"keep_ratios: with tokens='drop' the first block processes every token (1.0) and "
@@ -392,7 +366,7 @@ class ALaST:
         self._clear_gradients(self._frozen_parameters(plan))
         for blk, block_plan in zip(self.blocks, plan.blocks):
             blk.alast_plan = block_plan
-            blk.alast_stats = torch.zeros(4, dtype=torch.float32, device=_device(blk))
+            blk.alast_stats = new_stats(_device(blk))
         # Nothing below the embeddings needs their gradient: without requires_grad they record no graph.
         embeddings = [(p, p.requires_grad) for p in self._frozen_embeddings()]
         for p, _ in embeddings:
@@ -415,15 +389,14 @@ class ALaST:
                 p.requires_grad_(requires_grad)
 
     def _finish(self, plan: StepPlan) -> None:
-        stats = torch.stack([blk.alast_stats.to("cpu", torch.float64) for blk in self.blocks])  # one sync
-        missing = [i for i, forwards in enumerate(stats[:, 1].tolist()) if forwards == 0]
+        stats = read_stats(torch.stack([blk.alast_stats.to("cpu", torch.float64) for blk in self.blocks]))  # one sync
+        missing = [i for i, forwards in enumerate(stats.forwards.tolist()) if forwards == 0]
         if missing:
             raise RuntimeError(f"ALaST.step(): blocks {missing} ran no forward pass inside the step")
         # Δ per forward, averaged over the step's forwards (micro-batches; checkpointing's recomputation):
         # the authors' sums over the images of a batch, the library's own policy averages over them.
-        moved = stats[:, 3] if self.policy == "paper" else stats[:, 0]
-        deltas = (moved / stats[:, 1]).tolist()
-        keeps = [round(k) for k in (stats[:, 2] / stats[:, 1]).tolist()]
+        deltas = (stats.summed_delta if self.policy == "paper" else stats.mean_delta).tolist()
+        keeps = [round(k) for k in stats.processed.tolist()]
         if self.process_group is not None:
             deltas = distributed.mean_over_ranks(deltas, self.process_group)
         self.history.append({
@@ -470,14 +443,12 @@ class ALaST:
             raise ValueError(f"state: missing {', '.join(missing)}")
         L = len(self.blocks)
         lo, hi = policies.PAPER_RANGE if self.policy == "paper" else (0.0, math.inf)
-        budgets = _check_numbers("state['budgets']", state["budgets"], L, lo, hi)
+        budgets = check_reals("state['budgets']", state["budgets"], L, lo, hi)
         prev = state["previous_deltas"]
         if prev is None and self.policy == "paper":
             raise ValueError("state['previous_deltas']: the 'paper' policy needs the previous step's Δ, got None")
-        prev = None if prev is None else _check_numbers("state['previous_deltas']", prev, L, 0.0)
-        step = state["step"]
-        if not is_int(step) or step < 0:
-            raise ValueError(f"state['step']: expected an int >= 0, got {step!r}")
+        prev = None if prev is None else check_reals("state['previous_deltas']", prev, L, 0.0)
+        step = check_int("state['step']", state["step"], 0)
         generator = state["generator"]
         if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
             raise ValueError(f"state['generator']: expected the uint8 tensor of torch.Generator.get_state(), "

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-from .ops._checks import is_int, is_real
+from ._validate import check_int, is_int, is_real
 
 __all__ = ["FeatureCache", "format_bytes", "image_fingerprints"]
 
@@ -94,11 +94,11 @@ class FeatureCache:
 
     def __init__(self, num_images: int, feature_shape: Sequence[int], dtype: torch.dtype,
                  device, max_bytes: int, what: str = "features"):
-        if not is_int(num_images) or num_images < 1:
-            raise ValueError(f"num_images: expected an int >= 1, got {num_images!r}")
+        num_images = check_int("num_images", num_images, 1)
+        # Any number of bytes, infinity included (no limit): an int stays an int.
         if not is_real(max_bytes) or not max_bytes >= 0:
             raise ValueError(f"max_bytes: expected a number of bytes >= 0, got {max_bytes!r}")
-        num_images, max_bytes = int(num_images), int(max_bytes) if is_int(max_bytes) else float(max_bytes)
+        max_bytes = int(max_bytes) if is_int(max_bytes) else float(max_bytes)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         self.feature_shape = tuple(int(s) for s in feature_shape)

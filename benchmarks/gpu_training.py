@@ -107,7 +107,7 @@ def check_names(names) -> None:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected names of {ak.methods.available()}")
     for name, options in OPTIONS.items():  # a renamed option would otherwise fail only on the GPU
-        accepted = ak.methods.options_of(ak.methods.base._REGISTRY[name])
+        accepted = ak.methods.options_of(ak.methods.method_class(name))
         if set(options) - set(accepted):
             raise SystemExit(f"OPTIONS[{name!r}]: {sorted(set(options) - set(accepted))} not among {accepted}")
     if MODEL not in timm.list_models(MODEL):

@@ -291,12 +291,10 @@ def load_image_folder(root: str, img_size: int, seed: int):
 
 # ------------------------------------------------------------------------------------------- methods
 def method_options(name: str, args, depth: int, seed: int, steps: int) -> Dict:
-    """The job's options of method ``name``: ALaST's from the command line; EViT lowers its keep rate over
-    the first half of the run (its recipe's schedule, scaled to the run); the others use their defaults."""
-    if name == "evit":
-        return {"schedule_steps": max(1, steps // 2)}
+    """The job's options of method ``name``: ALaST's from the command line; the others' run-dependent ones
+    from the method itself (``run_options``: EViT's schedule scaled to the run), else their defaults."""
     if name not in ALAST_METHODS:
-        return {}
+        return ak.methods.method_class(name).run_options(steps)
     options = {"train_layers": args.train_layers, "policy": args.policy, "seed": seed, "tokens": args.tokens}
     if args.policy == "alast":
         options["min_keep"] = args.min_keep

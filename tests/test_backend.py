@@ -251,6 +251,15 @@ def test_docs_backend_table_is_generated_from_the_declarations():
     assert info.readme_table((ROOT / "docs" / "ops.md").read_text()) == info.markdown_table()
 
 
+def test_docs_contracts_are_the_ops_docstrings():
+    """docs/ops.md lists every op of ``alast_kernels.ops.__all__`` with its docstring as its contract (one
+    source): regenerate with ``make backend-table`` when a contract changes."""
+    from alast_kernels import info
+    table = info.contracts((ROOT / "docs" / "ops.md").read_text())
+    assert table == info.contract_table()
+    assert [row.split("`")[1].split("(")[0] for row in table.splitlines()[2:]] == ops.__all__
+
+
 def test_info_prints_build_availability_with_reasons_and_the_table():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "alast_kernels.info"], cwd=ROOT, env=env, capture_output=True,
@@ -277,6 +286,93 @@ def test_capability_table_follows_the_declarations(monkeypatch):
     monkeypatch.setattr(triton, "SUPPORTS", narrower)
     row = next(line for line in info.markdown_table(modules).splitlines() if line.startswith("| `fuse_tokens`"))
     assert "(head dim ≤ 96)" in row and row.endswith("| triton (reference for float64; reference for head dim > 96) |")
+
+
+# ------------------------------------------------------------------------------------------ a new op
+TOY_CONTRACT = """
+
+def toy_double(x: torch.Tensor) -> torch.Tensor:
+    \"\"\"``2 · x``, any shape (a test's toy op).\"\"\"
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    return _backend.implementation("toy_double", x.device, x.dtype)(x)
+"""
+TOY_REFERENCE = """
+from ..support import implements
+
+
+@implements(how="the toy's reference")
+def toy_double(x):
+    return x + x
+"""
+TOY_KERNEL = """
+from ..support import implements
+
+CALLS = []
+
+
+@implements(dtypes=("float32",), how="the toy's kernel")
+def toy_double(x):
+    CALLS.append(x.dtype)
+    return 2 * x
+"""
+TOY_SCRIPT = """
+import warnings
+import torch
+import alast_kernels
+from alast_kernels import backend, info, ops, set_backend
+from alast_kernels.backends import triton
+assert alast_kernels.__file__.startswith({root!r}), alast_kernels.__file__
+x = torch.randn(2, 3)
+assert torch.equal(ops.toy_double(x), 2 * x)  # auto on CPU tensors: the reference
+set_backend("triton")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert torch.equal(ops.toy_double(x), 2 * x) and torch.equal(ops.toy_double(x.double()), 2 * x.double())
+assert triton.toy.CALLS == [torch.float32]
+print("\\n".join(str(w.message) for w in caught))
+print("\\n".join(info.auto_lines({{name: backend.load(name) for name in backend.BACKENDS}})))
+print(info.markdown_table(), end="")
+"""
+
+
+def _mirror(source: Path, target: Path) -> None:
+    """``target``: ``source``'s directories, each file a symbolic link to the original (a file written in
+    ``target`` replaces its link only)."""
+    for path in source.rglob("*"):
+        if "__pycache__" in path.parts:
+            continue
+        there = target / path.relative_to(source)
+        if path.is_dir():
+            there.mkdir(parents=True, exist_ok=True)
+        else:
+            there.parent.mkdir(parents=True, exist_ok=True)
+            there.symlink_to(path)
+
+
+def test_a_new_op_needs_no_registration_beyond_its_declared_implementations(tmp_path):
+    """docs/backends.md, "Adding a Triton op": in a copy of the package that differs by the op's contract (in
+    ``ops``), a reference module and a kernel module, each implementation declared beside its code, the op
+    runs, the dispatcher picks the kernel where its declaration allows and says why not elsewhere, and
+    ``info`` lists it — no table or list of ops was edited."""
+    package = tmp_path / "alast_kernels"
+    _mirror(ROOT / "alast_kernels", package)
+    contract = package / "ops" / "__init__.py"
+    text = contract.read_text()
+    contract.unlink()
+    contract.write_text(text + TOY_CONTRACT)
+    (package / "backends" / "reference" / "toy.py").write_text(TOY_REFERENCE)
+    (package / "backends" / "triton" / "toy.py").write_text(TOY_KERNEL)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ALAST_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", TOY_SCRIPT.format(root=str(package))], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert ("alast_kernels: toy_double falls back to the reference backend (triton: float64 is not one of "
+            "float32)") in out
+    assert "  toy_double         reference  no GPU here: no vendor library has this op, the project's kernels first" \
+        in out
+    assert "| `toy_double` | the toy's reference | the toy's kernel (float32) | — | reference |" in out
 
 
 # ------------------------------------------------------------------------------------------ torch.compile

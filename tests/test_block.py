@@ -447,3 +447,34 @@ class _OtherAttention(Attention):
 def test_unsupported_attn_layer_raises_naming_it():
     with pytest.raises(NotImplementedError, match="attn_layer"):
         ViTBlock(D, H, attn_layer=_OtherAttention)
+
+
+_HOOKS = {
+    "forward": lambda m: m.register_forward_hook(lambda *a: None),
+    "forward_pre": lambda m: m.register_forward_pre_hook(lambda *a: None),
+    "backward": lambda m: m.register_full_backward_hook(lambda *a: None),
+    "backward_pre": lambda m: m.register_full_backward_pre_hook(lambda *a: None),
+    "global_forward": lambda m: nn.modules.module.register_module_forward_hook(lambda *a: None),
+    "global_forward_pre": lambda m: nn.modules.module.register_module_forward_pre_hook(lambda *a: None),
+    "global_backward": lambda m: nn.modules.module.register_module_full_backward_hook(lambda *a: None),
+    "global_backward_pre": lambda m: nn.modules.module.register_module_full_backward_pre_hook(lambda *a: None),
+}
+
+
+@pytest.mark.parametrize("hook", _HOOKS)
+def test_no_fused_op_stands_in_for_a_module_any_hook_observes(hook):
+    """alast_kernels.fusion.may_fuse, the rule the blocks and the methods share: exact types only, and no
+    hook of any kind, the module's own or global."""
+    from alast_kernels.fusion import may_fuse
+
+    class MyLinear(nn.Linear):
+        pass
+
+    linear = nn.Linear(4, 4)
+    assert may_fuse(linear, nn.Linear) and not may_fuse(MyLinear(4, 4), nn.Linear)
+    handle = _HOOKS[hook](linear)
+    try:
+        assert not may_fuse(linear, nn.Linear)
+    finally:
+        handle.remove()
+    assert may_fuse(linear, nn.Linear)

@@ -53,6 +53,26 @@ ptxas info    : Used 16 registers, used 0 barriers, 380 bytes cmem[0]
     assert report.short_name(ptxas_name) == "scatter_rows_kernel<BF16, 8>"
 
 
+def test_cuda_kernels_are_compiled_with_the_extensions_sources_and_flags(monkeypatch):
+    """The report's ptxas runs take setup.py's own source list (every ``csrc/*.cu``, found by setup.py) and
+    nvcc flags, not copies of them."""
+    setup = report.build_script()
+    assert setup.cuda_sources() == ["csrc/ops.cpp"] + sorted(
+        f"csrc/{p.name}" for p in (ROOT / "csrc").glob("*.cu"))
+    commands = []
+
+    def fake_nvcc(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(report.shutil, "which", lambda name: "/usr/bin/nvcc")
+    monkeypatch.setattr(report.subprocess, "run", fake_nvcc)
+    monkeypatch.setattr(report, "demangle", lambda names: {})
+    assert report.cuda_resources(90) == {}
+    assert [c[c.index("-c") + 1] for c in commands] == [str(ROOT / p) for p in setup.cuda_sources()[1:]]
+    assert all(c[2:2 + len(setup.NVCC_FLAGS)] == setup.NVCC_FLAGS for c in commands)
+
+
 def _kernels_in_sources():
     cuda = set(re.findall(r"__global__ void (\w+)", "".join(p.read_text() for p in (ROOT / "csrc").glob("*.cu"))))
     triton = set()

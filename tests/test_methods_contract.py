@@ -145,9 +145,23 @@ def test_unknown_option_is_named(name):
         methods.create(name, tiny(), no_such_option=1)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_run_options_are_options_the_method_takes(name):
+    """What a method asks of a run (``run_options``: EViT's schedule over half of the steps) are options it
+    takes, and a method builds with them."""
+    cls = methods.method_class(name)
+    options = cls.run_options(10)
+    assert set(options) <= set(methods.options_of(cls))
+    methods.create(name, tiny(), **options)
+    if name == "evit":
+        assert options == {"schedule_steps": 5} and cls.run_options(1) == {"schedule_steps": 1}
+
+
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="magic"):
         methods.create("magic", tiny())
+    with pytest.raises(ValueError, match="magic"):
+        methods.method_class("magic")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -87,6 +87,31 @@ def test_bad_options_named(option, value):
         create("synqt", tiny_vit(), **{option: value})
 
 
+@pytest.mark.parametrize("hook", ["backward", "global"])
+def test_a_qkv_that_any_hook_observes_is_called_as_a_module(hook):
+    """The one fusion rule (alast_kernels.fusion.may_fuse): a backward hook on qkv, or a global module hook,
+    keeps SynQT from projecting the queries with qkv's weight directly; qkv is called on the queries, the
+    hook sees that call, and the logits are unchanged."""
+    method = create("synqt", tiny_vit())
+    perturb_trainable(method)
+    qkv = method.vit.blocks[1].attn.qkv
+    x = images(2)
+    want = method.model(x)
+    seen = []
+    if hook == "backward":
+        handle = qkv.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: seen.append(out.shape) if module is qkv else None)
+    try:
+        got = method.model(x)
+        got.sum().backward()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (2, method.num_queries, 3 * method.vit.embed_dim) in seen  # qkv's call on the queries
+
+
 def test_wrapped_qkv_is_called_as_a_module():
     """A qkv that is not a plain nn.Linear (here one with a forward hook that scales its output) is called,
     not bypassed: the queries and the keys/values both see what the module returns."""

@@ -1,16 +1,19 @@
 """The ``auto`` order on CUDA tensors: from measurements where they exist, else a vendor-first default.
 
+This module is the one place that order is defined (:data:`VENDOR_FIRST`, :data:`KERNELS_FIRST`).
+
 No kernel is trusted on a GPU until it was measured there. ``gpu_dispatch.json`` beside this module (written
 by ``make gpu-check`` from its op benchmarks, then committed) holds, per GPU family — the compute capability,
 ``"9.0"`` for H100 and H200 — and per op, the backends it timed, fastest first, with the times. Without a
 record for the present GPU's family:
 
-* ops a vendor library already runs (:data:`VENDOR_PATHS`: attention through PyTorch's SDPA, the linear
-  layers through cuBLAS) take the ``reference`` backend, which is that vendor path;
+* ops a vendor library already runs (those whose reference implementation declares its ``vendor``:
+  attention through PyTorch's SDPA, the linear layers through cuBLAS) take :data:`VENDOR_FIRST`, whose
+  first backend, the reference, is that vendor path;
 * ops no vendor library has (selection, gather, scatter, gather + LayerNorm, scores, fuse) take the
-  project's kernels: ``cuda``, then ``triton``, then ``reference``.
+  project's kernels first: :data:`KERNELS_FIRST`.
 
-A record's order comes first, then the rest of the kernel-first order, so a call the measured winner
+A record's order comes first, then the rest of :data:`KERNELS_FIRST`, so a call the measured winner
 declines (float64, a head dim it does not take) still finds a backend. A forced backend is not affected:
 :func:`alast_kernels.backend.candidates` puts it first regardless.
 """
@@ -23,18 +26,20 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import BACKENDS
+
 TABLE_PATH = Path(__file__).resolve().with_name("gpu_dispatch.json")
-BACKEND_NAMES: Tuple[str, ...] = ("reference", "triton", "cuda")
 KERNELS_FIRST: Tuple[str, ...] = ("cuda", "triton", "reference")
 VENDOR_FIRST: Tuple[str, ...] = ("reference", "cuda", "triton")
+DEFAULT_ORDER = (f"unmeasured: the vendor path ({VENDOR_FIRST[0]}) where one exists, else "
+                 f"{', then '.join(KERNELS_FIRST)}")
 
-# op -> the vendor library its reference implementation runs on a GPU.
-VENDOR_PATHS: Dict[str, str] = {
-    "attention": "PyTorch SDPA: its FlashAttention-2, cuDNN or memory-efficient kernels",
-    "query_attention": "PyTorch SDPA",
-    "masked_linear": "cuBLAS through F.linear",
-    "masked_mlp": "cuBLAS through F.linear, PyTorch's GELU",
-}
+
+def vendor_paths() -> Dict[str, str]:
+    """``{op: vendor library}`` for the ops whose reference implementation runs a vendor library on a GPU,
+    as the reference backend declares them."""
+    from . import reference  # pure PyTorch, always importable; imported on first use like every backend
+    return {op: support.vendor for op, support in reference.SUPPORTS.items() if support.vendor}
 
 
 def capability_family(capability: Tuple[int, int]) -> str:
@@ -70,8 +75,8 @@ def validate(table: object, source: str) -> dict:
             where = f"records[{family!r}][{op!r}]"
             order = record.get("order") if isinstance(record, dict) else None
             if (not isinstance(order, list) or not order or "reference" not in order
-                    or any(name not in BACKEND_NAMES for name in order) or len(set(order)) != len(order)):
-                fail(f"{where}.order", f"a list of distinct backends of {BACKEND_NAMES} including 'reference'")
+                    or any(name not in BACKENDS for name in order) or len(set(order)) != len(order)):
+                fail(f"{where}.order", f"a list of distinct backends of {BACKENDS} including 'reference'")
             if not isinstance(record.get("geomean_us"), dict) or set(record["geomean_us"]) != set(order):
                 fail(f"{where}.geomean_us", "one time per backend of its order")
     return table
@@ -107,6 +112,7 @@ def cuda_order(op: str, family: Optional[str]) -> Tuple[Tuple[str, ...], str]:
         return order, (f"measured on {found.get('device', 'a GPU')} (compute capability {family}, "
                        f"{found.get('date', 'undated')}): {times}")
     where = "no GPU here" if family is None else f"no measurement for compute capability {family}"
-    if op in VENDOR_PATHS:
-        return VENDOR_FIRST, f"{where}: the vendor path first ({VENDOR_PATHS[op]})"
+    vendor = vendor_paths().get(op)
+    if vendor:
+        return VENDOR_FIRST, f"{where}: the vendor path first ({vendor})"
     return KERNELS_FIRST, f"{where}: no vendor library has this op, the project's kernels first"

@@ -1,24 +1,36 @@
-"""What an implementation runs: the declarations every backend makes per op, and the facts of a call they
-are checked against.
+"""What an implementation runs: the declaration each implementation carries beside its code, and the facts
+of a call it is checked against.
 
-Every backend module (``alast_kernels/backends/<name>/__init__.py``) defines
+An implementation is declared where it is written, in a module of its backend package
+(``alast_kernels/backends/<name>/<file>.py``)::
 
-``OPS``              ``{op: callable}``: its implementations, taking the op's arguments already checked by
-                     :mod:`alast_kernels.ops`;
-``SUPPORTS``         ``{op: Supports}``: what each implementation runs; an op of ``OPS`` without an entry runs
-                     what ``DEFAULT_SUPPORT`` says;
+    @implements(max_head_dim=MAX_HEAD_DIM, how="flash forward/backward ...")
+    def attention(q, k, v, scale, return_cls): ...
+
+The function's name is the op's name (a contract of :mod:`alast_kernels.ops`); the keywords are the fields
+of :class:`Supports` in which it differs from its backend's usual declaration (``how`` always). Each backend
+package (``alast_kernels/backends/<name>/__init__.py``) then defines
+
 ``DEFAULT_SUPPORT``  the backend's usual :class:`Supports`;
+``OPS, SUPPORTS``    ``collect(__name__, DEFAULT_SUPPORT)``: ``{op: callable}`` and ``{op: Supports}``, built
+                     from the declarations of every module of the package (no table names the ops); an
+                     op of ``OPS`` without a ``SUPPORTS`` entry runs what ``DEFAULT_SUPPORT`` says;
+``DEVICES_NOTE``     where it runs, in a few words, for ``python -m alast_kernels.info``;
 ``device_refusal``   ``device_refusal(device_type) -> str | None``: why the backend cannot run on that kind of
                      device in this process (``None`` when it can), e.g. CPU tensors without the Triton
                      interpreter.
 
+Implementations take the op's arguments already checked by :mod:`alast_kernels.ops`.
 :mod:`alast_kernels.backend` picks, per call, the first backend in its order that has the op, runs on the
 device and whose declaration accepts the :class:`Call`; nothing inside a backend falls back by itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+import importlib
+import pkgutil
+import sys
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -61,6 +73,9 @@ class Supports:
     k_norm: whether it scores blocks that have a key norm.
     max_queries: the most queries it takes (``None``: any).
     how: one line on how it works, for the documentation's table.
+    vendor: the vendor library it runs on a GPU (``"cuBLAS through F.linear"``), ``""`` for none; on CUDA
+        tensors ``auto`` prefers a vendor path until a measurement says otherwise
+        (:mod:`alast_kernels.backends.measured`).
     """
     devices: Optional[Tuple[str, ...]]
     dtypes: Tuple[str, ...] = GPU_DTYPES
@@ -68,6 +83,7 @@ class Supports:
     k_norm: bool = True
     max_queries: Optional[int] = None
     how: str = ""
+    vendor: str = ""
 
     def refusals(self, call: Call) -> List[str]:
         """Why this implementation cannot run ``call`` (empty when it can)."""
@@ -94,3 +110,53 @@ class Supports:
         if self.max_queries is not None:
             parts.append(f"≤ {self.max_queries} queries")
         return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ declarations
+# Declaring module -> op -> (implementation, its fields that differ from the backend's DEFAULT_SUPPORT).
+_DECLARED: Dict[str, Dict[str, Tuple[Callable, dict]]] = {}
+_FIELDS = frozenset(f.name for f in fields(Supports))
+
+
+def implements(**differences) -> Callable[[Callable], Callable]:
+    """Declare the function below as its backend's implementation of the op it is named after.
+
+    differences: the :class:`Supports` fields in which it differs from its backend's ``DEFAULT_SUPPORT``
+    (``how`` at least). The declaration belongs to the module that states it, so a function another
+    backend declared can be declared again for this one: ``implements(how=...)(reference.masked_linear)``.
+    Returns the function unchanged.
+    """
+    unknown = sorted(set(differences) - _FIELDS)
+    if unknown:
+        raise TypeError(f"implements({', '.join(unknown)}): expected fields of Supports")
+    if not isinstance(differences.get("how"), str) or not differences["how"]:
+        raise TypeError("implements(how): expected one line on how the implementation works")
+    # The declaring module is the caller's, found as collections.namedtuple finds its caller's module.
+    module = sys._getframe(1).f_globals["__name__"]
+
+    def declare(fn: Callable) -> Callable:
+        # Keyed by name, so a module imported again after a failed import declares afresh.
+        _DECLARED.setdefault(module, {})[fn.__name__] = (fn, differences)
+        return fn
+    return declare
+
+
+def collect(package: str, default: Supports) -> Tuple[Dict[str, Callable], Dict[str, Supports]]:
+    """A backend's ``OPS`` and ``SUPPORTS``: what the modules of backend package ``package`` (each imported
+    here) declare with :func:`implements`, every declaration ``default`` with its differences. In the order
+    of :data:`alast_kernels.ops.__all__`, ops it does not list after them by name; ``ValueError`` for an op
+    two modules of the package declare."""
+    from .. import ops  # the contracts' order; imported here, as the ops import the dispatcher that loads us
+
+    for info in pkgutil.iter_modules(sys.modules[package].__path__):
+        importlib.import_module(f"{package}.{info.name}")
+    found: Dict[str, Tuple[str, Callable, dict]] = {}
+    for module in sorted(name for name in _DECLARED if name.startswith(f"{package}.")):
+        for op, (fn, differences) in _DECLARED[module].items():
+            if op in found:
+                raise ValueError(f"{package}: {op} is declared in both {found[op][0]} and {module}")
+            found[op] = (module, fn, differences)
+    contract = list(ops.__all__)
+    order = sorted(found, key=lambda op: (contract.index(op) if op in contract else len(contract), op))
+    return ({op: found[op][1] for op in order},
+            {op: replace(default, **found[op][2]) for op in order})

@@ -19,14 +19,14 @@ import contextlib
 import copy
 import functools
 import inspect
-from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Type
+from typing import Callable, ClassVar, Dict, Iterable, Iterator, List, Type
 
 import torch.nn as nn
 
-from ..ops._checks import is_int
 from ..vit import find_vit
 
-__all__ = ["Method", "ModelState", "register", "available", "create", "options_of", "set_trainable", "check_int"]
+__all__ = ["Method", "ModelState", "register", "available", "method_class", "create", "options_of",
+           "set_trainable"]
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -44,15 +44,20 @@ def available() -> List[str]:
     return list(_REGISTRY)
 
 
+def method_class(name: str) -> Type["Method"]:
+    """The class registered as ``name``; ``ValueError`` listing the names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name: expected one of {', '.join(available())}, got {name!r}")
+    return _REGISTRY[name]
+
+
 def create(name: str, model: nn.Module, **options) -> "Method":
     """The method ``name`` over ``model`` (a timm ``VisionTransformer``, or a DDP/peft/compile wrapper of one).
 
     Options are the method class's keyword arguments; an unknown one raises ``TypeError`` naming it and
     listing the method's options.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"name: expected one of {', '.join(available())}, got {name!r}")
-    cls = _REGISTRY[name]
+    cls = method_class(name)
     accepted = options_of(cls)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -85,16 +90,6 @@ def options_of(cls: Type["Method"]) -> List[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return names
-
-
-def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    """``value`` (a Python or numpy integer) as an ``int`` in ``[low, high]`` (no upper bound when ``high`` is
-    ``None``); ``ValueError`` naming ``name`` otherwise."""
-    if not is_int(value) or value < low or (high is not None and value > high):
-        expected = f"an int in [{low}, {high}]" if high is not None else \
-            "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return int(value)
 
 
 class ModelState:
@@ -169,6 +164,12 @@ class Method:
     def __init__(self, model: nn.Module):
         self.vit = find_vit(model)
         self.model = model
+
+    @classmethod
+    def run_options(cls, steps: int) -> Dict:
+        """The options that depend on the run, for a run of ``steps`` optimizer steps (a schedule's length);
+        a job passes them to :func:`create` unless it sets them itself. None by default."""
+        return {}
 
     # --------------------------------------------------------------------------------- parameters
     def trainable_parameters(self) -> List[nn.Parameter]:

@@ -10,7 +10,8 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import torch.nn as nn
 
-from .base import Method, check_int, register, set_trainable
+from .._validate import check_int
+from .base import Method, register, set_trainable
 from .token_fuse import TokenFuseViT
 
 __all__ = ["EViT"]
@@ -45,6 +46,11 @@ class EViT(Method):
         set_trainable(self.model, self.model.parameters())
         self.step_count = 0
         self._apply_schedule()
+
+    @classmethod
+    def run_options(cls, steps: int) -> Dict:
+        """The recipe's schedule scaled to the run: the keep rate falls over the first half of its steps."""
+        return {"schedule_steps": max(1, steps // 2)}
 
     def scheduled_keep_rate(self, step: Optional[int] = None) -> float:
         """The training keep rate of ``step`` (default: the next step)."""

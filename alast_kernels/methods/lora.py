@@ -2,14 +2,13 @@
 frozen, the adapters and the classifier head train."""
 from __future__ import annotations
 
-import math
 import re
 from typing import Sequence
 
 import torch.nn as nn
 
-from ..ops._checks import is_real
-from .base import Method, check_int, register
+from .._validate import check_int, check_real
+from .base import Method, register
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
@@ -22,10 +21,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_m
     from torch.nn.parallel import DistributedDataParallel
 
     rank = check_int("rank", rank, 1)
-    if not is_real(alpha) or not math.isfinite(alpha):
-        raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
-    if not is_real(dropout) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+    alpha = check_real("alpha", alpha)
+    dropout = check_real("dropout", dropout, 0, 1, high_open=True)
     if isinstance(model, PeftModel) or any(isinstance(m, DistributedDataParallel) for m in model.modules()):
         raise ValueError(f"model: expected a model without peft adapters or a DDP wrapper, got "
                          f"{type(model).__name__}; add LoRA first, then wrap the method's model in DDP")
@@ -33,7 +30,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_m
         raise ValueError(f"target_modules: expected a non-empty sequence of module names, got {target_modules!r}")
     # Only the blocks' layers: a bare "proj" would also match the patch embedding's convolution.
     pattern = rf".*blocks\.\d+\.(attn|mlp)\.({'|'.join(re.escape(t) for t in target_modules)})"
-    config = LoraConfig(r=rank, lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=pattern,
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
                         modules_to_save=["head"])
     return get_peft_model(model, config)
 

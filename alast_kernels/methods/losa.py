@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..vit import head, head_parameters, model_blocks
-from .base import check_int, register, set_trainable
+from .._validate import check_int
+from .base import register, set_trainable
 from .frozen_backbone import Features, FrozenBackboneMethod, FrozenBackboneModel, token_count
 
 __all__ = ["LoSA", "LoSAModel", "LowRankMixer", "default_ranks"]

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ..ops._checks import is_int
 from ..vit import head_parameters, model_blocks
-from .base import Method, check_int, register, set_trainable
+from .._validate import check_distinct_ints, check_int
+from .base import Method, register, set_trainable
 from .token_fuse import TokenFuseViT
 
 __all__ = ["SparseTuning", "DenseAdapter", "SparseTuningViT"]
@@ -88,16 +88,6 @@ class SparseTuningViT(TokenFuseViT):
         return vit.head(self.head_norm(features))
 
 
-def _check_links(links) -> Tuple[int, ...]:
-    try:
-        values = tuple(links)
-    except TypeError:
-        values = None
-    if values is None or any(not is_int(k) or k < 1 for k in values) or len(set(values)) != len(values):
-        raise ValueError(f"dense_links: expected distinct positive block offsets, got {links!r}")
-    return tuple(sorted(int(k) for k in values))
-
-
 @register
 class SparseTuning(Method):
     """Sparse-Tuning over a timm ViT: frozen backbone with the token fuse, Dense Adapters and head train.
@@ -123,6 +113,6 @@ class SparseTuning(Method):
                  adapter_dim: int = 32, dense_links: Sequence[int] = (1, 3), head_batchnorm: bool = False):
         super().__init__(model)
         adapter_dim = check_int("adapter_dim", adapter_dim, 1)
-        self.model = SparseTuningViT(self.vit, fuse_layers, keep_rate, adapter_dim, _check_links(dense_links),
-                                     bool(head_batchnorm))
+        links = check_distinct_ints("dense_links", dense_links, 1, what="block offsets")
+        self.model = SparseTuningViT(self.vit, fuse_layers, keep_rate, adapter_dim, links, bool(head_batchnorm))
         set_trainable(self.model, [*self.model.adapters.parameters(), *head_parameters(self.vit)])

@@ -31,8 +31,10 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from .. import ops
+from ..fusion import may_fuse
 from ..vit import model_blocks
-from .base import check_int, register, set_trainable
+from .._validate import check_int
+from .base import register, set_trainable
 from .frozen_backbone import Features, FrozenBackboneMethod, FrozenBackboneModel
 
 __all__ = ["SynQT", "SynQTModel", "QuerySynthesis", "SynQTHead"]
@@ -196,9 +198,10 @@ class SynQTModel(FrozenBackboneModel):
         h = block.norm1(queries)
         width = self.num_heads * self.head_dim
         qkv = attn.qkv
-        if type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks):
+        if may_fuse(qkv, nn.Linear):
             # Project the queries only (the first third of qkv's rows). Anything else — a LoRA wrapper, a
-            # quantised linear, a module with hooks — is called as a module and its query part taken.
+            # quantised linear, a module with hooks (alast_kernels.fusion) — is called as a module and its
+            # query part taken.
             q = F.linear(h, qkv.weight[:width], None if qkv.bias is None else qkv.bias[:width])
         else:
             q = qkv(h)[..., :width]

@@ -20,10 +20,10 @@ from timm.models.vision_transformer import VisionTransformer
 from .. import ops
 from ..block import keep_count
 from ..convert import convert
-from ..ops._checks import is_int, is_real
+from .._validate import check_distinct_ints, check_fraction
 from ..vit import embed, head, model_blocks, num_prefix_tokens
 
-__all__ = ["TokenFuseViT", "default_fuse_layers", "check_keep_rate", "check_fuse_layers"]
+__all__ = ["TokenFuseViT", "default_fuse_layers", "check_fuse_layers"]
 
 
 def default_fuse_layers(depth: int) -> Tuple[int, ...]:
@@ -33,24 +33,11 @@ def default_fuse_layers(depth: int) -> Tuple[int, ...]:
     return tuple(sorted({r * i for i in (1, 2, 3) if r * i < depth}))
 
 
-def check_keep_rate(value, name: str = "keep_rate") -> float:
-    """``value`` as a float in (0, 1]; ``ValueError`` naming ``name`` otherwise."""
-    if not is_real(value) or not math.isfinite(value) or not 0 < value <= 1:
-        raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 def check_fuse_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int, ...]:
     """Distinct block indices in ``[0, depth)``, sorted; ``None`` gives :func:`default_fuse_layers`."""
     if layers is None:
         return default_fuse_layers(depth)
-    try:
-        values = list(layers)
-    except TypeError:
-        values = None
-    if values is None or any(not is_int(v) or not 0 <= v < depth for v in values) or len(set(values)) != len(values):
-        raise ValueError(f"fuse_layers: expected distinct block indices in [0, {depth}) or None, got {layers!r}")
-    return tuple(sorted(int(v) for v in values))
+    return check_distinct_ints("fuse_layers", layers, 0, depth, what="block indices", optional=True)
 
 
 class TokenFuseViT(nn.Module):
@@ -76,7 +63,7 @@ class TokenFuseViT(nn.Module):
         convert(vit)
         self.vit = vit
         self.fuse_layers = check_fuse_layers(fuse_layers, len(model_blocks(vit)))
-        self.keep_rate = check_keep_rate(keep_rate)
+        self.keep_rate = check_fraction("keep_rate", keep_rate)
         self.training_keep_rate = self.keep_rate
         self.train_backbone = bool(train_backbone)
 

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .. import backend as _backend
+from .._validate import is_int
 from ..backends.autograd import compute_dtype as _autocast_dtype
 from . import _checks
 from ._query_attention import query_attention
@@ -88,7 +89,8 @@ def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, *,
 def gather_layer_norm(x: torch.Tensor, idx: torch.Tensor, weight: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], eps: float = 1e-6, *,
                       check_indices: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gathered tokens and their LayerNorm: ``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)``.
+    """Gathered tokens and their LayerNorm in one pass: ``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both
+    ``(B, K, D)``.
 
     weight, bias: ``(D,)`` or ``None``. Backward adds both outputs' gradients into ``x``'s at ``idx``.
     """
@@ -107,9 +109,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
               return_cls: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Softmax attention ``softmax(q kᵀ · scale) v`` per batch and head.
 
-    q: ``(B, H, Nq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device. ``scale`` defaults to
-    ``Dh ** -0.5``. With ``return_cls`` also returns float32 ``(B, Nk)``: the head mean of query 0's
-    probability row, without gradient.
+    q: ``(B, H, Nq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device, at least one query, key and
+    channel. ``scale``: a finite number > 0, default ``Dh ** -0.5``. With ``return_cls`` also returns float32
+    ``(B, Nk)``: the head mean of query 0's probability row, without gradient.
     """
     scale = _checks.attention_inputs(q, k, v, scale)
     Dh = q.shape[3]
@@ -132,7 +134,7 @@ def cls_scores(x: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
     """
     _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
     D = x.shape[2]
-    if not _checks.is_int(num_heads) or num_heads < 1 or D % num_heads:
+    if not is_int(num_heads) or num_heads < 1 or D % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing D={D}, got {num_heads!r}")
     num_heads = int(num_heads)
     _checks.tensor("qkv_weight", qkv_weight, ndim=2, device=x.device)

@@ -1,24 +1,13 @@
 """Argument checks shared by every backend: each failure names the argument and what was expected."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterable, Optional
 
 import torch
 
+from .._validate import check_int, check_real, is_int
+
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-# numpy registers its scalar types with `numbers`, so np.int64 / np.float32 pass where Python numbers do.
-def is_int(value) -> bool:
-    """A Python or numpy integer, not a bool (``True`` is an ``int`` to Python, never a count here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    """A Python or numpy integer or floating-point number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
@@ -72,9 +61,7 @@ def attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -
         raise ValueError(f"q, k: expected at least one query, key and channel, got Nq={Nq}, Nk={k.shape[2]}, Dh={Dh}")
     if scale is None:
         return Dh ** -0.5
-    if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a finite number > 0 or None, got {scale!r}")
-    return float(scale)
+    return check_real("scale", scale, 0, low_open=True, optional=True)
 
 
 def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, unique: bool, values: bool = True) -> None:
@@ -107,9 +94,7 @@ def indices(name: str, idx: torch.Tensor, x_name: str, x: torch.Tensor, *, uniqu
 def prefix_and_keep(num_prefix, keep, num_tokens: int):
     """``num_prefix`` an int >= 0 and ``keep`` an int in ``[1, num_tokens - num_prefix]``; returns both as
     Python ints (``keep`` stays a ``SymInt`` under ``torch.compile``)."""
-    if not is_int(num_prefix) or num_prefix < 0:
-        raise ValueError(f"num_prefix: expected an int >= 0, got {num_prefix!r}")
-    num_prefix = int(num_prefix)
+    num_prefix = check_int("num_prefix", num_prefix, 0)
     available = num_tokens - num_prefix
     # A SymInt under torch.compile: the keep count of a compiled block is a dynamic size.
     if not (isinstance(keep, torch.SymInt) or is_int(keep)) or not 1 <= keep <= available:

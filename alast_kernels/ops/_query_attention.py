@@ -17,10 +17,11 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: Optional[float] = None) -> torch.Tensor:
     """Attention of ``Tq`` queries over ``Nk`` keys and values, ``Tq ≪ Nk``: ``softmax(q kᵀ · scale) v``.
 
-    q: ``(B, H, Tq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device; any strides. ``scale``
-    defaults to ``Dh ** -0.5``. Returns ``(B, H, Tq, Dh)`` in the dtype of ``q``. Gradients go to every
-    input that requires grad: to the queries only when k and v are constants (a frozen backbone's keys
-    and values), to all three, correctly, otherwise.
+    q: ``(B, H, Tq, Dh)``; k, v: ``(B, H, Nk, Dh)``, same dtype and device, at least one query, key and
+    channel; any strides. ``scale``: a finite number > 0, default ``Dh ** -0.5``. Returns ``(B, H, Tq, Dh)``
+    in the dtype of ``q``. Gradients go to every input that requires grad: to the queries only when k and v
+    are constants (SynQT's frozen backbone's keys and values), to all three, correctly, otherwise. Why an op
+    of its own: docs/methods/synqt.md, "The query-attention op".
     """
     scale = _checks.attention_inputs(q, k, v, scale)
     Tq, Dh = q.shape[2], q.shape[3]

@@ -6,40 +6,24 @@ Importing this module loads the library; when it was not built, was built for an
 or fails to load, the import raises ``ImportError`` (after one warning naming both sides, see
 :mod:`alast_kernels._extension`) and the dispatcher uses ``triton``/``reference`` instead. Ops without a
 CUDA kernel here (``gather_layer_norm``, ``attention``, the masked linear layers) are absent from
-:data:`OPS`; :data:`SUPPORTS` declares what the others run (float32/float16/bfloat16, scores without
-``k_norm``). Implementations take their arguments already checked by :mod:`alast_kernels.ops`.
+:data:`OPS`; each implementation declares beside its code what it runs (``@implements``:
+float32/float16/bfloat16, scores without ``k_norm``), collected into :data:`SUPPORTS`. Implementations
+take their arguments already checked by :mod:`alast_kernels.ops`.
 """
-from dataclasses import replace
 from typing import Optional
 
 from ... import _cuda_emulation, _extension
-from ..support import Supports
+from ..support import Supports, collect
 
 _extension.load()
 
 from . import fake  # noqa: E402,F401  (registers the fake kernels once the ops exist)
-from .scores import cls_scores  # noqa: E402
-from .select import select_tokens  # noqa: E402
-from .tokens import gather_tokens, scatter_tokens  # noqa: E402
-
-OPS = {
-    "select_tokens": select_tokens,
-    "gather_tokens": gather_tokens,
-    "scatter_tokens": scatter_tokens,
-    "cls_scores": cls_scores,
-}
 
 EMULATED = _cuda_emulation.loaded()
 DEVICES_NOTE = "CUDA tensors; CPU tensors under `ALAST_CUDA_EMULATION=1`"
 DEFAULT_SUPPORT = Supports(devices=("cuda", "cpu"))
-SUPPORTS = {
-    "select_tokens": replace(DEFAULT_SUPPORT, how="radix select in shared memory (N ≤ 4096 cached, longer rows "
-                                                  "from global memory), output already ascending"),
-    "gather_tokens": replace(DEFAULT_SUPPORT, how="16-byte row copy; backward without atomics"),
-    "scatter_tokens": replace(DEFAULT_SUPPORT, how="one write per output row, 16-byte vectors"),
-    "cls_scores": replace(DEFAULT_SUPPORT, k_norm=False, how="one warp per token, one block per image for the "
-                                                             "softmax"),
-}
+OPS, SUPPORTS = collect(__name__, DEFAULT_SUPPORT)  # the kernels' modules import once the library is loaded
+globals().update(OPS)  # each implementation also by its op's name: `cuda.select_tokens(...)`
 
 
 def device_refusal(device_type: str) -> Optional[str]:

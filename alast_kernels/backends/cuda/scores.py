@@ -7,8 +7,11 @@ once: LayerNorm statistics and ``H`` dot products per token, softmax over tokens
 import torch
 
 from ..class_query import class_query_vectors
+from ..support import implements
 
 
+# No k_norm: the kernel computes the class-query identity, which needs plain keys.
+@implements(k_norm=False, how="one warp per token, one block per image for the softmax")
 def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm, k_norm):
     """x ``(B, N, D)`` float32/float16/bfloat16 -> float32 ``(B, N)``, rows summing to 1, no gradient."""
     u = class_query_vectors(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm,

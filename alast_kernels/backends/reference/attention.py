@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from ..support import implements
+
 
 def cls_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Head mean of ``softmax(q[:, :, 0] · kᵀ · scale)``: ``(B, Nk)``, float32 (float64 for float64)."""
@@ -11,6 +13,7 @@ def cls_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
         return logits.softmax(dim=-1).mean(dim=1)
 
 
+@implements(how="SDPA", vendor="PyTorch SDPA: its FlashAttention-2, cuDNN or memory-efficient kernels")
 def attention(q, k, v, scale: float, return_cls: bool):
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if return_cls:

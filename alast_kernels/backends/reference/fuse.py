@@ -7,6 +7,7 @@ dropped row ``j``.
 """
 import torch
 
+from ..support import implements
 from .select import select_tokens
 from .tokens import gather_tokens
 
@@ -19,6 +20,7 @@ def dropped_tokens(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.sort(kept, dim=1, stable=True).indices[:, :num_tokens - K]
 
 
+@implements(how="`select_tokens`, gather, score-weighted sum of the dropped tokens")
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N, D)`` tokens and ``(B, N)`` scores -> ``(B, num_prefix + keep + 1, D)`` in ``x``'s dtype.
 

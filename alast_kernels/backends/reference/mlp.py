@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..autograd import cast, compute_dtype, mlp_forward, rows
+from ..support import implements
 
 
 class MaskedLinearFunction(torch.autograd.Function):
@@ -76,9 +77,11 @@ class MaskedMLPFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+@implements(how="`autograd.Function` over `F.linear`", vendor="cuBLAS through F.linear")
 def masked_linear(x, weight, bias, train):
     return MaskedLinearFunction.apply(x, weight, bias, train)
 
 
+@implements(how="`autograd.Function`, GELU recomputed", vendor="cuBLAS through F.linear, PyTorch's GELU")
 def masked_mlp(x, w1, b1, w2, b2, train, approximate):
     return MaskedMLPFunction.apply(x, w1, b1, w2, b2, train, approximate)

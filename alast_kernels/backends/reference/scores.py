@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ..class_query import class_query_vectors
+from ..support import implements
 
 
+@implements(how="the class-query identity in PyTorch; keys projected with a `k_norm`")
 def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm, k_norm):
     B, N, D = x.shape
     H, Dh = num_heads, D // num_heads

@@ -1,7 +1,10 @@
 """Top-k token selection: prefix tokens first, then the best-scoring others, in ascending index order."""
 import torch
 
+from ..support import implements
 
+
+@implements(how="stable sort")
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     B = scores.shape[0]
     # A stable descending sort keeps equal scores in index order, so ties go to the lower index.

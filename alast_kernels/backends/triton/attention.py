@@ -17,15 +17,17 @@ the block's ``transpose(1, 2).reshape(B, Nq, H·Dh)`` needs no copy. The backend
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
 
 _LOG2E = math.log2(math.e)
-MAX_HEAD_DIM = 128  # declared in the backend's SUPPORTS: 128-wide tiles fit the shared memory
+MAX_HEAD_DIM = 128  # declared below, on `attention`: 128-wide tiles fit the shared memory
 # Token tiles under the interpreter: 16 makes the tiny test shapes span several tiles; None takes the GPU's
 # tiles (the ViT-B/16-shape tests, where fewer, larger tiles are also faster to interpret).
 INTERPRETER_BLOCK = 16
@@ -281,6 +283,8 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+@implements(max_head_dim=MAX_HEAD_DIM,
+            how="flash forward/backward, any token count, class-token row from the saved logsumexp")
 @_common.on_tensor_device
 def attention(q, k, v, scale: float, return_cls: bool):
     """``softmax(q kᵀ · scale) v`` (``(B, H, Nq, Dh)``, dtype of ``q``, ``Dh`` ≤ 128); with ``return_cls``
@@ -289,3 +293,17 @@ def attention(q, k, v, scale: float, return_cls: bool):
     if return_cls:
         return o, _cls_row(q.detach(), k.detach(), lse, scale)
     return o
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def forward_backward(q, cls_row=False):
+        scale = q.shape[-1] ** -0.5
+        o, lse = _attention_forward(q, q, q, scale)
+        _attention_backward(q, q, q, o, lse, torch.zeros_like(q), scale)
+        if cls_row:
+            _cls_row(q, q, lse, scale)
+    return {"ViT-B/16": lambda: forward_backward(torch.zeros(s.B, s.H, s.K, s.Dh, dtype=torch.bfloat16), True),
+            "float32": lambda: forward_backward(torch.zeros(s.B, s.H, s.K, s.Dh)),  # other tiles
+            "head dim 128": lambda: forward_backward(torch.zeros(s.B, 6, s.K, 128, dtype=torch.bfloat16))}

@@ -17,10 +17,13 @@ for float64 calls.
 """
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
 from .select import _MAX_BLOCK as _MAX_SELECT_BLOCK, _selected, _sort_keys, _threshold
 
@@ -132,8 +135,20 @@ class FuseTokensFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+@implements(how="one pass over `x`: the row's selection from the scores, kept rows copied, the rest summed "
+                "into the fused token; backward one pass, no atomics")
 @_common.on_tensor_device
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N, D)`` tokens and ``(B, N)`` scores -> ``(B, num_prefix + keep + 1, D)`` in ``x``'s dtype
     (see the module docstring); the fused token is accumulated in float32 and rounded once."""
     return FuseTokensFunction.apply(x.contiguous(), scores.detach().contiguous(), keep, num_prefix)
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        x = torch.zeros(s.B, s.N, s.D, dtype=torch.bfloat16, requires_grad=True)
+        fused = fuse_tokens(x, torch.zeros(s.B, s.N), 138, 1)  # Sparse-Tuning's keep rate 0.7 of 196 patches
+        fused.backward(torch.zeros_like(fused))
+    return {"ViT-B/16": vit_b}

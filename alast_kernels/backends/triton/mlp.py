@@ -19,12 +19,15 @@ the reference's exactly.
 """
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
 import triton
 import triton.language as tl
 
 from ..autograd import mlp_forward, rows
-from ..reference.mlp import masked_linear  # noqa: F401  (the triton backend's masked_linear: see above)
+from ..reference import mlp as reference_mlp
+from ..support import FLOAT_DTYPES, implements
 from . import _common
 
 _BLOCK = 1024  # elements per program of the forward kernel
@@ -154,8 +157,23 @@ class MaskedMLPFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+@implements(how="cuBLAS matmuls + Triton GELU forward/backward kernels")
 @_common.on_tensor_device
 def masked_mlp(x, w1, b1, w2, b2, train, approximate):
     """``fc2(gelu(fc1(x)))``: x ``(..., D)``, w1 ``(F, D)``, w2 ``(Dout, F)``, biases or ``None``; computes in
     float32, float16 or bfloat16 (the GELU kernels' types)."""
     return MaskedMLPFunction.apply(x, w1, b1, w2, b2, train, approximate)
+
+
+# No elementwise part to fuse: the reference's own function (cuBLAS), declared for this backend too, any dtype.
+implements(dtypes=FLOAT_DTYPES, how="the reference's own: cuBLAS, nothing to fuse")(reference_mlp.masked_linear)
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        pre = torch.zeros(s.B * s.K, s.F, dtype=torch.bfloat16)
+        _gelu(pre, "tanh")
+        _gelu_backward_(torch.zeros_like(pre), pre, "tanh", write_h=True, need_db=True)
+    return {"ViT-B/16": vit_b}

@@ -23,16 +23,18 @@ declares ``Tq`` and head dims up to 128 and float32/float16/bfloat16: the dispat
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
-from .attention import attend_all_keys
+from .attention import MAX_HEAD_DIM, attend_all_keys
 
 _LOG2E = math.log2(math.e)
-MAX_QUERIES = 128  # declared in the backend's SUPPORTS (with attention's head dim limit): one tile of queries
+MAX_QUERIES = 128  # declared below, on `query_attention` (with attention's head dim limit): one tile of queries
 # Key blocks under the interpreter: 16 makes the tiny test shapes span several blocks; None takes the GPU's.
 INTERPRETER_BLOCK = 16
 
@@ -176,7 +178,21 @@ class QueryAttentionFunction(torch.autograd.Function):
         return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None
 
 
+@implements(max_head_dim=MAX_HEAD_DIM, max_queries=MAX_QUERIES,
+            how="all queries in one tile, one pass over keys and values; backward with key/value gradients only "
+                "when they are needed")
 @_common.on_tensor_device
 def query_attention(q, k, v, scale: float):
     """``softmax(q kᵀ · scale) v``: ``(B, H, Tq, Dh)`` in the dtype of ``q`` (``Tq`` ≤ 128, ``Dh`` ≤ 128)."""
     return QueryAttentionFunction.apply(q, k, v, scale)
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        queries = torch.zeros(s.B, s.H, 4, s.Dh, dtype=torch.bfloat16, requires_grad=True)  # SynQT: 4 per layer
+        for kv_grad in (False, True):
+            kv = torch.zeros(s.B, s.H, s.N, s.Dh, dtype=torch.bfloat16, requires_grad=kv_grad)
+            query_attention(queries, kv, kv, s.Dh ** -0.5).backward(torch.zeros_like(queries))
+    return {"ViT-B/16": vit_b}

@@ -13,12 +13,14 @@ hold: the reference (which projects the keys) runs instead; so does float64 inpu
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 import triton
 import triton.language as tl
 
 from ..class_query import class_query_vectors
+from ..support import implements
 from . import _common
 
 # Elements of x per program of the logits kernel, 16 per thread with 8 warps (40 registers, 75% occupancy
@@ -81,6 +83,8 @@ def _softmax_mean_kernel(logit_ptr, max_ptr, sum_ptr, out_ptr, N, H, C,
     tl.store(out_ptr + b * N + toks, tl.sum(prob, axis=0) / H, mask=tok_ok)
 
 
+# No k_norm: the scoring identity needs plain keys (the reference projects them).
+@implements(k_norm=False, how="one read of `x`: LayerNorm statistics, H logits, softmax, head mean")
 @_common.on_tensor_device
 def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, scale, q_norm, k_norm):
     """Float32 ``(B, N)`` head-mean class-token attention row of ``x`` ``(B, N, D)``; no gradient."""
@@ -108,3 +112,11 @@ def cls_scores(x, norm_weight, norm_bias, qkv_weight, qkv_bias, num_heads, eps, 
             logits, block_max, block_sum, out, N, H, C, BLOCK_N=out_block, BLOCK_H=block_h,
             BLOCK_C=max(2, min(64, triton.next_power_of_2(C))))
     return out
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    x = torch.zeros(s.B, s.N, s.D, dtype=torch.bfloat16)
+    return {"ViT-B/16": lambda: cls_scores(x, None, None, torch.zeros(3 * s.D, s.D), None, s.H, 1e-6, s.Dh ** -0.5,
+                                           None, None)}

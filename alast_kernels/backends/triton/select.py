@@ -11,10 +11,13 @@ order; one more pass in index order writes them with a running prefix count (``t
 """
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
 import triton
 import triton.language as tl
 
+from ..support import implements
 from . import _common
 
 # Tokens per block of the in-row loops: bigger rows loop over several blocks. 1024 with 8 warps keeps 4 keys
@@ -95,6 +98,8 @@ def _select_kernel(scores_ptr, out_ptr, N, M, keep, P: tl.constexpr, BLOCK: tl.c
         equal_seen += equal_here
 
 
+@implements(how="one program per row: binary search over order-preserving keys for the k-th score, then an "
+                "ordered prefix-sum pass; any N")
 @_common.on_tensor_device
 def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
     """``(B, N)`` float32/float16/bfloat16 scores -> int64 ``(B, num_prefix + keep)`` indices (see the module
@@ -109,3 +114,10 @@ def select_tokens(scores: torch.Tensor, keep: int, num_prefix: int) -> torch.Ten
     _select_kernel[(B,)](scores, out, N, M, keep, P=num_prefix, BLOCK=block,
                          num_warps=_common.num_warps(block, per_thread=4))
     return out
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    return {"ViT-B/16": lambda: select_tokens(torch.zeros(s.B, s.N), s.K - 1, 1),
+            "N=4097": lambda: select_tokens(torch.zeros(s.B, 4097), 2048, 1)}  # rows past one cached tile

@@ -12,11 +12,14 @@ requires indices unique within each row, as its contract says: each output token
 """
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
 import triton
 import triton.language as tl
 
 from ..autograd import gather_function, scatter_function
+from ..support import implements
 from . import _common
 
 _BLOCK_ROWS = 4  # kept rows per program
@@ -186,11 +189,13 @@ GatherFunction = gather_function(_gather, _scatter_add_into_zeros, "GatherFuncti
 ScatterFunction = scatter_function(_scatter, _gather, "ScatterFunction")
 
 
+@implements(how="row copy; backward atomic scatter-add (repeated indices allowed)")
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b]]``: ``(B, N, D)``, int64 ``(B, K)`` -> ``(B, K, D)`` in ``x``'s dtype."""
     return GatherFunction.apply(x, idx)
 
 
+@implements(how="inverse index map, one write per row")
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``x`` with ``delta[b, j]`` added at token ``idx[b, j]`` (unique per row): a new ``(B, N, D)`` tensor."""
     return ScatterFunction.apply(x, idx, delta)
@@ -243,9 +248,25 @@ class GatherLayerNormFunction(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, None
 
 
+@implements(how="fused gather + LayerNorm, fused backward")
 @_common.on_tensor_device
 def gather_layer_norm(x, idx, weight, bias, eps):
     """``(x[b, idx[b]], layer_norm(x[b, idx[b]]))``, both ``(B, K, D)`` in ``x``'s dtype (float32, float16 or
     bfloat16); weight/bias: ``(D,)`` or ``None``. Statistics in float32."""
     params = [None if p is None else p.contiguous() for p in (weight, bias)]
     return GatherLayerNormFunction.apply(x.contiguous(), idx.contiguous(), params[0], params[1], float(eps))
+
+
+def resource_launches(s) -> Dict[str, Callable[[], object]]:
+    """``{scenario: call}``: this module's launches at the GPU resource report's shape ``s`` (``B, N, D, H, Dh,
+    K, F``; ``benchmarks/gpu_resources.py`` records the launches without running them)."""
+    def vit_b():
+        x = torch.zeros(s.B, s.N, s.D, dtype=torch.bfloat16)
+        idx = torch.arange(s.K).expand(s.B, s.K).contiguous()
+        _gather(x, idx)
+        _scatter_add_into_zeros(torch.zeros(s.B, s.K, s.D, dtype=torch.bfloat16), idx, s.N)
+        _scatter(x, idx, torch.zeros(s.B, s.K, s.D, dtype=torch.bfloat16))
+        w = torch.ones(s.D, dtype=torch.bfloat16, requires_grad=True)
+        kept, y = GatherLayerNormFunction.apply(x.requires_grad_(), idx, w, w, 1e-6)
+        torch.autograd.backward((kept, y), (torch.zeros_like(kept), torch.zeros_like(y)))
+    return {"ViT-B/16": vit_b}
