@@ -30,17 +30,20 @@ import dinov2_wheel  # noqa: E402
 import finetune  # noqa: E402
 from clutter_digits import clutter_task, target_patch_fraction  # noqa: E402
 from starting_weights import DEFAULT_CACHE  # noqa: E402
+from study import STUDY_SUBSET_SEED, STUDY_TEST_IMAGES, held_out_indices  # noqa: E402
 
 
-def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Held-out accuracy of an L2 logistic regression (C = 1) on standardised features."""
+def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                      subset: np.ndarray) -> tuple:
+    """Held-out accuracy of an L2 logistic regression (C = 1) on standardised features: on every held-out
+    image, and on the ``subset`` of them (indices) that the study evaluates on."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(train_x, train_y)
-    return float(model.score(test_x, test_y))
+    return float(model.score(test_x, test_y)), float(model.score(test_x[subset], test_y[subset]))
 
 
 @torch.no_grad()
@@ -70,10 +73,15 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     flat = lambda d: d.images[:, 0].flatten(1).numpy()  # noqa: E731  (the 3 channels are one grey image)
-    record["raw_pixels_logistic_accuracy"] = logistic_accuracy(flat(train), train.labels.numpy(), flat(test),
-                                                               test.labels.numpy())
+    # The study's evaluation images, picked as the study picks them (its seed), as indices into ``test``.
+    subset = held_out_indices(len(test), STUDY_TEST_IMAGES, seed=STUDY_SUBSET_SEED).numpy()
+    record["study_test_images"] = len(subset)
+    (record["raw_pixels_logistic_accuracy"],
+     record["raw_pixels_logistic_accuracy_study_subset"]) = logistic_accuracy(
+        flat(train), train.labels.numpy(), flat(test), test.labels.numpy(), subset)
     record["raw_pixels_seconds"] = time.perf_counter() - start
-    print(f"logistic regression on raw pixels: {100 * record['raw_pixels_logistic_accuracy']:.1f}%", flush=True)
+    print(f"logistic regression on raw pixels: {100 * record['raw_pixels_logistic_accuracy']:.1f}% "
+          f"({100 * record['raw_pixels_logistic_accuracy_study_subset']:.1f}% on the study's images)", flush=True)
 
     start = time.perf_counter()
     state, info = dinov2_wheel.state_dict_for(args.img_size, args.cache_dir)
@@ -82,10 +90,11 @@ def main(argv=None) -> dict:
     model.eval()
     features = class_tokens(model, train.images), class_tokens(model, test.images)
     record["probe_features_seconds"] = time.perf_counter() - start
-    record["linear_probe_accuracy"] = logistic_accuracy(features[0], train.labels.numpy(), features[1],
-                                                        test.labels.numpy())
+    record["linear_probe_accuracy"], record["linear_probe_accuracy_study_subset"] = logistic_accuracy(
+        features[0], train.labels.numpy(), features[1], test.labels.numpy(), subset)
     record["weights"] = info["text"]
-    print(f"linear probe of the frozen backbone's class token: {100 * record['linear_probe_accuracy']:.1f}%")
+    print(f"linear probe of the frozen backbone's class token: {100 * record['linear_probe_accuracy']:.1f}% "
+          f"({100 * record['linear_probe_accuracy_study_subset']:.1f}% on the study's {len(subset)} images)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)

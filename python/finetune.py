@@ -485,8 +485,9 @@ def run_job(args: argparse.Namespace, rank: int = 0, world: int = 1) -> Dict:
         out.check_start_weights(state_digest(start))
     skipped = [m for m in DEFAULT_METHODS if m not in ak.methods.available()]
     say(f"methods:  {', '.join(args.methods)}" + (f" (not in this install: {', '.join(skipped)})" if skipped else ""))
+    head = f", its new head {args.head_lr:g}" if args.head_lr else ""
     say(f"training: {args.steps} steps x batch {args.batch_size}, AdamW (warm-up + cosine), lr {args.lr:g} "
-        f"(backbone{f', its new head {args.head_lr:g}' if args.head_lr else ''}) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
+        f"(backbone{head}) / {args.adapter_lr:g} (frozen-backbone methods), same batches for every method; "
         + (f"seeds {args.seed}..{args.seed + args.seeds - 1}" if args.seeds > 1 else f"seed {args.seed}"), flush=True)
 
     if args.resume:

@@ -86,14 +86,23 @@ SMOKE_ARGS = ["--backbone", "own", "--task", "clutter", "--model", "vit_tiny_pat
               "--img-size", "56", "--patch-size", "14", "--batch-size", "4", "--pretrain-steps", "2", "--steps", "2",
               "--probes", "1", "--quiet"]
 SMOKE_SEEDS, SMOKE_TEST_IMAGES = 2, 20
+STUDY_SUBSET_SEED = 12345  # picks the held-out images the study evaluates on
 ESTIMATE_TEST_IMAGES = 32
 
 
+def held_out_indices(count: int, size: int, seed: int) -> torch.Tensor:
+    """int64 indices, ascending, of a seeded subset of ``size`` of ``count`` held-out images (all of them when
+    there are fewer): the images the study evaluates on."""
+    if size >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
 def held_out_subset(test: TensorImages, size: int, seed: int) -> TensorImages:
-    """A seeded subset of ``size`` held-out images (all when there are fewer): the study's evaluation set."""
+    """The images of :func:`held_out_indices` (``test`` itself when it has no more than ``size``)."""
     if size >= len(test):
         return test
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    idx = held_out_indices(len(test), size, seed)
     return TensorImages(test.images[idx], test.labels[idx], test.num_classes)
 
 
@@ -195,7 +204,7 @@ def _run(study, args, chosen: List[Variant], seeds: int, earlier: Optional[Dict]
     test_images = SMOKE_TEST_IMAGES if study.smoke else STUDY_TEST_IMAGES
     # --estimate evaluates on a few images and scales the evaluation's measured cost to the study's set.
     test_set = held_out_subset(test_set, min(test_images, ESTIMATE_TEST_IMAGES) if study.estimate else test_images,
-                               seed=12345)
+                               seed=STUDY_SUBSET_SEED)
     torch.manual_seed(args.seed)
     start = create_model(args, len(classes))
     weights = real_backbone.load_start(args, start, device, show=False)

