@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Fine-tune a timm Vision Transformer with several methods from the same weights and compare them.
 
 Run with no arguments (``make demo``) it needs no download: it fine-tunes a small ViT
@@ -28,7 +27,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from typing import Dict, List, Optional
 
@@ -39,13 +37,12 @@ import torch.distributed as dist
 import alast_kernels as ak
 from alast_kernels.controller import default_train_layers
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_canvas import DigitCanvas, TensorImages, digit_tasks  # noqa: E402
-import real_backbone  # noqa: E402
-from job_output import JobOutput, job_settings, state_digest  # noqa: E402
-from report import layer_table, method_table, plot_budgets, plot_pareto, write_json  # noqa: E402
-from starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text  # noqa: E402
-from training import cached_epochs, evaluate, inference_cost, train  # noqa: E402
+from .digits_canvas import DigitCanvas, TensorImages, digit_tasks
+from . import real_backbone
+from .job_output import JobOutput, job_settings, state_digest
+from .report import layer_table, method_table, plot_budgets, plot_pareto, write_json
+from .starting_weights import DEFAULT_CACHE, create_model, model_kwargs_text
+from .training import cached_epochs, evaluate, inference_cost, train
 
 # The default comparison, in this order; methods this install lacks are left out with a note.
 DEFAULT_METHODS = ("full", "alast", "sparse_tuning", "lora", "synqt", "losa")
