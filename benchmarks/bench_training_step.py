@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import alast_kernels as ak
+from alast_finetune.digits_canvas import DigitCanvas, batches, load_digits
 from alast_kernels.measure import count_flops, median_seconds, saved_activation_bytes
-from digits_canvas import DigitCanvas, batches
-from digits_canvas import _load_digits
 
 from record import write_results
 
@@ -60,7 +59,7 @@ TARGETS = {  # method: (FLOPs ratio, saved-bytes ratio) upper bounds against ful
 
 
 def _data(batch: int, steps: int):
-    digits, labels = _load_digits()
+    digits, labels = load_digits()
     canvas = DigitCanvas(digits, labels, canvas=IMAGE, scale=IMAGE // 16, num_classes=CLASSES, grid=16)
     return list(batches(canvas, batch, steps, seed=0))
 

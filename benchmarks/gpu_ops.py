@@ -21,8 +21,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cases import DTYPES, SHAPES, TINY, Shape, op_calls, op_of, own_ops  # noqa: E402
+from gpu_cases import DTYPES, SHAPES, TINY, Shape, op_calls, op_of, own_ops
 
 INNER = 5
 

@@ -388,7 +388,6 @@ def _prepare_environment() -> None:
     JITFunctions (not the interpreter's): set before anything imports the backends."""
     os.environ["ALAST_CUDA_EMULATION"] = "1"
     os.environ.pop("TRITON_INTERPRET", None)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def check() -> int:

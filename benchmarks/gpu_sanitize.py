@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cases import ODD_WIDTH, TINY, op_calls, own_ops  # noqa: E402
+from gpu_cases import ODD_WIDTH, TINY, op_calls, own_ops
 
 LONG_ROW = 4097 + 64  # past the cuda select kernel's shared-memory path
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-clutter = pytest.importorskip("clutter_digits")
+clutter = pytest.importorskip("alast_finetune.clutter_digits")
 
 
 @pytest.fixture(scope="module")

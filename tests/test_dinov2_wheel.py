@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import torch
 
-import dinov2_wheel as dw
+from alast_finetune import dinov2_wheel as dw
 
 
 def _have_wheel() -> str:

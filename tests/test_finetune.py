@@ -1,4 +1,4 @@
-"""The fine-tuning job (python/finetune.py) and its embedded data: learning, outputs, options, errors."""
+"""The fine-tuning job (python/alast_finetune) and its embedded data: learning, outputs, options, errors."""
 import copy
 import json
 import math
@@ -9,9 +9,8 @@ import timm
 import torch
 
 import alast_kernels as ak
-import finetune
-import training
-from digits_canvas import DigitCanvas, batches, digit_tasks
+from alast_finetune import finetune, training
+from alast_finetune.digits_canvas import DigitCanvas, batches, digit_tasks
 
 CPU = torch.device("cpu")
 CHANCE = 1 / 5  # both embedded tasks have 5 classes
@@ -306,7 +305,7 @@ def test_a_broken_image_is_named(tmp_path, damage):
 
 @pytest.mark.parametrize("damage", ["garbage", "wrong_content"])
 def test_a_damaged_pretraining_cache_is_rebuilt_with_a_warning(tmp_path, damage):
-    import starting_weights
+    from alast_finetune import starting_weights
     args = finetune.parse_args(TINY + ["--cache-dir", str(tmp_path)])
     path = starting_weights.pretrain_cache_path(args)
     if damage == "garbage":
@@ -397,6 +396,18 @@ def test_errors_found_after_parsing(tmp_path, cache_dir, monkeypatch):
     assert message.startswith("--pretrained: could not get timm's hub weights") and "--checkpoint PATH" in message
 
 
+@pytest.mark.parametrize("command", [["-m", "alast_finetune"], ["python/finetune.py"]])
+def test_both_commands_start_the_job(command):
+    """``python -m alast_finetune`` and ``python python/finetune.py`` (the docs' commands, from the repository
+    root) start the same job."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, *command, "--help"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--methods" in done.stdout and "--resume" in done.stdout
+
+
 @pytest.mark.distributed
 def test_the_job_runs_under_torchrun(tmp_path, cache_dir):
     """Two ranks share every batch (DDP, gloo); rank 0 pretrains, prints and writes the results. With
@@ -404,9 +415,8 @@ def test_the_job_runs_under_torchrun(tmp_path, cache_dir):
     import subprocess
     import sys
     out = tmp_path / "out"
-    script = os.path.join(os.path.dirname(finetune.__file__), "finetune.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *TINY,
-           "--methods", "full,alast", "--equal-time", "--out", str(out), "--cache-dir", cache_dir]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "alast_finetune",
+           *TINY, "--methods", "full,alast", "--equal-time", "--out", str(out), "--cache-dir", cache_dir]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_resources as report
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_resources as report  # noqa: E402
 
 COMMITTED = json.loads(report.RESULTS.read_text())
 

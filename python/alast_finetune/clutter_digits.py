@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from digits_canvas import NOISE_STD, TensorImages, _split
+from .digits_canvas import NOISE_STD, TensorImages, _split
 
 __all__ = ["load_mnist_5k", "ClutterCanvas", "clutter_task", "target_patch_fraction", "IMAGENET_MEAN",
            "IMAGENET_STD"]

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """How hard the real-digit task is without fine-tuning: the two linear baselines and the empty patches.
 
 Measures on :func:`clutter_digits.clutter_task` (every training image rendered once, the held-out set as
@@ -10,7 +9,7 @@ the job renders it):
   class token after the final norm.
 
 Writes ``benchmarks/results/clutter_baselines.json`` (or ``--out``) with the machine, versions and date.
-Full fine-tuning, to compare with, is the job's run: ``python/finetune.py --backbone dinov2-s14 --methods full``.
+Full fine-tuning, to compare with, is the job's run: ``python -m alast_finetune --backbone dinov2-s14 --methods full``.
 """
 from __future__ import annotations
 
@@ -18,19 +17,17 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import timm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dinov2_wheel  # noqa: E402
-import finetune  # noqa: E402
-from clutter_digits import clutter_task, target_patch_fraction  # noqa: E402
-from starting_weights import DEFAULT_CACHE  # noqa: E402
-from study import STUDY_SUBSET_SEED, STUDY_TEST_IMAGES, held_out_indices  # noqa: E402
+from . import dinov2_wheel
+from . import finetune
+from .clutter_digits import clutter_task, target_patch_fraction
+from .starting_weights import DEFAULT_CACHE
+from .study import STUDY_SUBSET_SEED, STUDY_TEST_IMAGES, held_out_indices
 
 
 def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

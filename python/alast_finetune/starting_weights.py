@@ -13,9 +13,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import alast_kernels as ak
-from digits_canvas import digit_tasks
-from report import atomic_path
-from training import evaluate, train
+from .digits_canvas import digit_tasks
+from .report import atomic_path
+from .training import evaluate, train
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alast_kernels")
 PRETRAIN_VERSION = 2  # bump when the pretraining recipe changes, so old cached weights are not reused

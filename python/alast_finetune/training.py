@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alast_kernels.measure import count_flops, peak_cuda_memory, saved_activation_bytes
-from digits_canvas import TensorImages, batches
+from .digits_canvas import TensorImages, batches
 
 __all__ = ["lr_factor", "parameter_groups", "train", "evaluate", "inference_cost", "cached_epochs"]
 

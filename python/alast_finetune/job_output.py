@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from report import write_json
+from .report import write_json
 
 __all__ = ["JobOutput", "job_settings", "state_digest"]
 
