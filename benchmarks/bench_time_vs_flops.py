@@ -128,15 +128,21 @@ def measure(labels: List[str], *, img_size: int, batch: int, depth: int, steps: 
     return out
 
 
+def _cell(row: Dict, part: str) -> str:
+    ratios = row.get("ratios_to_full", {})
+    if part not in ratios:
+        return "-"
+    return f"{1e3 * row['parts_of_step_seconds'][part]:.0f} ms ({ratios[part]:.2f}x)"
+
+
 def table(result: Dict) -> str:
     lines = ["| method | time | FLOPs | matrix products | other operators | outside operators |",
              "|---|---|---|---|---|---|"]
     for label, row in result.items():
         r = row.get("ratios_to_full", {})
-        parts = row.get("parts_of_step_seconds", {})
-        cell = lambda k: (f"{1e3 * parts[k]:.0f} ms ({r[k]:.2f}x)" if k in r else "-")  # noqa: E731
         lines.append(f"| `{label}` | {1e3 * row['step_seconds']:.0f} ms ({r.get('time', 1):.2f}x) | "
-                     f"{r.get('flops', 1):.2f}x | {cell('gemm')} | {cell('other_op')} | {cell('unaccounted')} |")
+                     f"{r.get('flops', 1):.2f}x | {_cell(row, 'gemm')} | {_cell(row, 'other_op')} | "
+                     f"{_cell(row, 'unaccounted')} |")
     return "\n".join(lines)
 
 

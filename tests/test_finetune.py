@@ -437,13 +437,17 @@ def test_feature_cache_measurement(tmp_path, cache_dir, capsys):
     assert "max_bytes" in message
 
 
-def test_head_lr_puts_only_the_new_classifier_in_its_own_group():
+@pytest.mark.parametrize("name", [n for n in ak.methods.available()
+                                  if ak.methods.method_class(n).trains_backbone])
+def test_head_lr_puts_only_the_new_classifier_in_its_own_group(name):
     """--head-lr: the classifier's parameters train at head_lr, every other trainable one at lr; without it,
-    one group at lr (the job's behaviour before the option)."""
+    one group at lr (the job's behaviour before the option). For every method that trains the backbone,
+    including those whose model wraps the ViT (EViT)."""
     vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)
-    method = ak.methods.create("full", vit)
+    method = ak.methods.create(name, vit, **({"policy": "paper", "alpha": 1e-3} if "alast" in name else {}))
     trainable = {id(p) for p in method.trainable_parameters()}
     head = {id(p) for p in vit.get_classifier().parameters()}
+    assert head <= trainable
     (single,) = training.parameter_groups(method, 1e-5, None)
     assert single["lr"] == 1e-5 and {id(p) for p in single["params"]} == trainable
     body, new_head = training.parameter_groups(method, 1e-5, 2e-3)

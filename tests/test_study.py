@@ -130,3 +130,65 @@ def test_held_out_subset_is_seeded_and_ascending():
     subset = study.held_out_subset(images, 20, seed=study.STUDY_SUBSET_SEED)
     assert torch.equal(subset.images, images.images[idx]) and torch.equal(subset.labels, images.labels[idx])
     assert study.held_out_subset(images, 50, seed=0) is images
+
+
+def _record(rows):
+    """A finished study's record from ``{label: (family, level, accuracies, flops_ratio)}`` (full first)."""
+    variants = [{"label": lb, "family": fam, "level": lvl} for lb, (fam, lvl, _, _) in rows.items()]
+    summary, rel = {}, {}
+    full_mean = sum(rows["full"][2]) / len(rows["full"][2])
+    for lb, (_, _, accs, flops) in rows.items():
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+        summary[lb] = {"accuracy": {"mean": mean, "std": std}, "trainable_parameters": {"mean": 10.0}}
+        rel[lb] = {"accuracy_gap_points": 100 * (mean - full_mean), "train_flops_ratio": flops,
+                   "peak_activation_bytes_ratio": flops, "median_step_seconds_ratio": flops}
+    return {"variants": variants, "summary": summary, "relative_to_full": rel}
+
+
+def test_targets_read_the_gap_and_the_front():
+    """The default ALaST's gap at <= 0.6x FLOPs, and whether another token method at no more FLOPs beats it by
+    more than the seed spread, each judged as the issue states it."""
+    rows = {"full": ("full", None, [0.50, 0.52, 0.54], 1.0),
+            "alast@0.4": ("alast", 0.4, [0.40, 0.42, 0.44], 0.40),
+            "alast@0.55": ("alast", 0.55, [0.50, 0.516, 0.532], 0.55),
+            "alast@0.7": ("alast", 0.7, [0.48, 0.50, 0.52], 0.70),
+            "evit@0.5": ("evit", 0.5, [0.47, 0.48, 0.49], 0.42),  # 6 points ahead of alast@0.4, spread 2
+            "evit@0.9": ("evit", 0.9, [0.60, 0.61, 0.62], 0.80)}  # far ahead, but at more FLOPs than any level
+    t = study.targets(_record(rows))
+    assert set(t["within_full"]["levels"]) == {"alast@0.4", "alast@0.55"}
+    assert t["within_full"]["levels"]["alast@0.55"]["gap_points"] == pytest.approx(-0.4)
+    assert t["within_full"]["met"] and not t["within_full"]["levels"]["alast@0.4"]["met"]
+    front = t["front"]["levels"]
+    assert front["alast@0.4"]["ahead_by_more_than_spread"] == ["evit@0.5"] and not t["front"]["met"]
+    assert front["alast@0.55"]["met"] and front["alast@0.7"]["met"]
+    rows["evit@0.5"] = ("evit", 0.5, [0.425, 0.435, 0.445], 0.42)  # 1.5 points ahead: within the spread (2)
+    assert study.targets(_record(rows))["front"]["met"]
+
+
+def test_headline_table_and_readme(tmp_path):
+    rows = {"full": ("full", None, [0.50, 0.52], 1.0), "alast@0.55": ("alast", 0.55, [0.49, 0.50], 0.55)}
+    record = _record(rows)
+    table = study.headline_table(record).splitlines()
+    assert len(table) == 2 + len(rows) and table[3].startswith("| `alast` | 0.55 | 49.5 ± 0.7 | -1.5 | 0.55× |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{study.HEADLINE_START}\nold\n{study.HEADLINE_END}\nrest\n")
+    study.write_readme(record, str(readme))
+    assert readme.read_text() == (f"intro\n{study.HEADLINE_START}\n{study.headline_table(record)}\n"
+                                  f"{study.HEADLINE_END}\nrest\n")
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        study.write_readme(record, str(readme))
+
+
+def test_readme_shows_the_committed_study():
+    """One source: the README's headline table is the committed study.json's, as --write-readme writes it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "results", "study.json")
+    if not os.path.exists(path):
+        pytest.skip("no committed study.json")
+    record = json.load(open(path))
+    if not record["complete"]:
+        pytest.skip("the committed study.json is a study still running (committed so no run is lost)")
+    readme = open(os.path.join(root, "README.md")).read()
+    assert f"{study.HEADLINE_START}\n{study.headline_table(record)}\n{study.HEADLINE_END}" in readme

@@ -81,7 +81,7 @@ STUDY_ARGS = ["--backbone", "dinov2-s14", "--task", "clutter", "--img-size", "11
 STUDY_SEEDS, STUDY_TEST_IMAGES = 3, 400
 SMOKE_ARGS = ["--backbone", "own", "--task", "clutter", "--model", "vit_tiny_patch16_224", "--depth", "5",
               "--img-size", "56", "--patch-size", "14", "--batch-size", "4", "--pretrain-steps", "2", "--steps", "2",
-              "--probes", "1", "--quiet"]
+              "--min-keep", "0.1", "--probes", "1", "--quiet"]  # min_keep 0.1: 5 blocks reach a flop budget of 0.4
 SMOKE_SEEDS, SMOKE_TEST_IMAGES = 2, 20
 STUDY_SUBSET_SEED = 12345  # picks the held-out images the study evaluates on
 ESTIMATE_TEST_IMAGES = 32
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the job's)")
     p.add_argument("--cache-dir", default=None, help="the job's --cache-dir")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where study.json/.png go")
+    p.add_argument("--write-readme", metavar="README", default=None,
+                   help="write the finished study.json of --out as the headline table of README (between its "
+                        "study-table markers); runs nothing")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished study.json in --out: keep its runs, run the missing ones (the "
                         "settings must be the same)")
@@ -150,6 +153,13 @@ def run_study(argv: Optional[List[str]] = None) -> Dict:
     chosen = chosen_variants(study.variants, depth)
     seeds = study.seeds or (SMOKE_SEEDS if study.smoke else STUDY_SEEDS)
     json_path = os.path.join(study.out, "study.json")
+    if study.write_readme:
+        with open(json_path) as f:
+            record = json.load(f)
+        if not record.get("complete"):
+            raise SystemExit(f"--write-readme: {json_path} is not a finished study")
+        write_readme(record, study.write_readme)
+        return record
     if study.resume and study.estimate:
         raise SystemExit("--resume: continues a study; --estimate runs none")
     earlier = None if study.estimate else _earlier_record(json_path, study.resume)
@@ -272,6 +282,7 @@ def finish(record: Dict, out: str) -> Dict:
                        for k in ("train_flops", "peak_activation_bytes", "train_seconds", "median_step_seconds")
                        if k in s and full[k]["mean"]}}
             for label, s in summary.items()}
+        record["targets"] = targets(record) if any(v["family"] == "alast" for v in record["variants"]) else None
     record["complete"] = True
     json_path, png_path = os.path.join(out, "study.json"), os.path.join(out, "study.png")
     write_json(record, json_path)
@@ -300,6 +311,72 @@ def _estimate(study, args, chosen, runs, overhead, seeds) -> Dict:
     os.makedirs(study.out, exist_ok=True)
     write_json(record, os.path.join(study.out, "study_estimate.json"))
     return record
+
+
+HEADLINE_START, HEADLINE_END = "<!-- study table: start -->", "<!-- study table: end -->"
+
+
+def headline_table(record: Dict) -> str:
+    """The study's results as a Markdown table, one row per variant: held-out accuracy (mean ± seed std and
+    the gap to full fine-tuning, points), and the training FLOPs, peak activation memory and median step time
+    relative to full fine-tuning. The README's headline table is this text (``--write-readme``; a test
+    compares them). The median step, not the run's total, because a burst of other load on the machine
+    lengthens a few steps of whichever run is going (the totals are in the record)."""
+    summary, rel = record["summary"], record["relative_to_full"]
+    lines = ["| method | compute level | accuracy % (mean ± std) | gap to full (points) | training FLOPs | "
+             "peak activation memory | step time | trainable parameters |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in record["variants"]:
+        s, r = summary[v["label"]], rel[v["label"]]
+        level = "" if v["level"] is None else f"{v['level']:g}"
+        lines.append(
+            f"| `{v['label'].split('@')[0]}` | {level} | {100 * s['accuracy']['mean']:.1f} ± "
+            f"{100 * s['accuracy']['std']:.1f} | {r['accuracy_gap_points']:+.1f} | {r['train_flops_ratio']:.2f}× | "
+            f"{r['peak_activation_bytes_ratio']:.2f}× | {r['median_step_seconds_ratio']:.2f}× | "
+            f"{int(s['trainable_parameters']['mean']):,} |")
+    return "\n".join(lines)
+
+
+TARGET_GAP_POINTS, TARGET_FLOPS = 0.5, 0.6  # the default ALaST within 0.5 points of full at <= 0.6x its FLOPs
+FLOPS_SLACK = 1.05  # "at no more compute": another variant's FLOPs at most 5% above the ALaST level's
+
+
+def write_readme(record: Dict, path: str) -> None:
+    """Replace the table between the ``HEADLINE_START``/``HEADLINE_END`` markers of ``path`` (the README)
+    with :func:`headline_table` of ``record``."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"--write-readme: {path} has no {HEADLINE_START} ... {HEADLINE_END} markers")
+    text = text[:start + len(HEADLINE_START)] + "\n" + headline_table(record) + "\n" + text[end:]
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def targets(record: Dict) -> Dict:
+    """The issue's two targets, measured: (1) the default ALaST (policy ``alast``, drop mode) at its levels
+    of at most 0.6x full fine-tuning's FLOPs within 0.5 points of full fine-tuning (mean over the seeds);
+    (2) at each of its compute levels, no other token method at no more FLOPs is ahead of it by more than the
+    seed spread (the larger of the two standard deviations)."""
+    summary, rel = record["summary"], record["relative_to_full"]
+    family = {v["label"]: v["family"] for v in record["variants"]}
+    token = [v["label"] for v in record["variants"] if v["level"] is not None]  # the methods at compute levels
+    acc = lambda label: 100 * summary[label]["accuracy"]["mean"]  # noqa: E731
+    std = lambda label: 100 * summary[label]["accuracy"]["std"]  # noqa: E731
+    default = [lb for lb in rel if family[lb] == "alast" and rel[lb]["train_flops_ratio"] <= TARGET_FLOPS]
+    within = {lb: {"gap_points": rel[lb]["accuracy_gap_points"], "flops_ratio": rel[lb]["train_flops_ratio"],
+                   "met": rel[lb]["accuracy_gap_points"] >= -TARGET_GAP_POINTS} for lb in default}
+    front = {}
+    for lb in (lb for lb in rel if family[lb] == "alast"):
+        flops = rel[lb]["train_flops_ratio"]
+        ahead = [o for o in token if family[o] != "alast"
+                 and rel[o]["train_flops_ratio"] <= flops * FLOPS_SLACK and acc(o) - acc(lb) > max(std(o), std(lb))]
+        front[lb] = {"flops_ratio": flops, "ahead_by_more_than_spread": ahead, "met": not ahead}
+    return {"within_full": {"target": f"gap >= -{TARGET_GAP_POINTS} points at <= {TARGET_FLOPS}x FLOPs",
+                            "levels": within, "met": bool(within) and any(w["met"] for w in within.values())},
+            "front": {"target": "no other token method at no more FLOPs ahead by more than the seed spread",
+                      "levels": front, "met": all(f["met"] for f in front.values())}}
 
 
 def plot_study(record: Dict, path: str) -> None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alast_kernels.measure import count_flops, peak_cuda_memory, saved_activation_bytes
+from alast_kernels.vit import find_vit
 from .digits_canvas import TensorImages, batches
 
 __all__ = ["lr_factor", "parameter_groups", "train", "evaluate", "inference_cost", "cached_epochs"]
@@ -100,12 +101,13 @@ def _measure_step(method, model, x, y, device: torch.device) -> Dict:
 
 def parameter_groups(method, lr: float, head_lr: Optional[float]) -> List[Dict]:
     """AdamW's parameter groups: every trainable parameter at ``lr``; with ``head_lr``, the classifier's
-    (``model.get_classifier()``, the new head) at ``head_lr`` instead — a new head learns from scratch while
+    (the ViT's ``get_classifier()``, the new head) at ``head_lr`` instead — a new head learns from scratch while
     pretrained weights only need nudging."""
     params = method.trainable_parameters()
     if head_lr is None:
         return [{"params": params, "lr": lr}]
-    head = {id(p) for p in method.model.get_classifier().parameters()}
+    # The timm ViT's own classifier: method.model may wrap the ViT (EViT's token-fuse wrapper, peft).
+    head = {id(p) for p in find_vit(method.model).get_classifier().parameters()}
     groups = [{"params": [p for p in params if id(p) not in head], "lr": lr},
               {"params": [p for p in params if id(p) in head], "lr": head_lr}]
     return [g for g in groups if g["params"]]
