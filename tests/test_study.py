@@ -76,6 +76,11 @@ def test_variants_are_job_options():
     assert (carry.flop_budget, carry.tokens) == (0.4, "carry")
     assert (paper.policy, paper.train_layers, paper.token_budget, paper.flop_budget) == ("paper", 7, None, None)
     assert study.job_args(study_args).lr == drop.lr == paper.lr
+    # --job-options reach every variant; a variant's own options still win where both speak.
+    diag = study.build_parser().parse_args(["--job-options", "--adapter-lr 1e-3 --train-layers 12"])
+    assert study.job_args(diag, by_label["lora"]).adapter_lr == 1e-3
+    assert study.job_args(diag, by_label["alast@0.55"]).train_layers == 12
+    assert study.job_args(diag, by_label["alast-paper@0.58"]).train_layers == 7
 
 
 @pytest.mark.slow

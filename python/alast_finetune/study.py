@@ -19,6 +19,7 @@ import copy
 import datetime
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the job's)")
     p.add_argument("--cache-dir", default=None, help="the job's --cache-dir")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="where study.json/.png go")
+    p.add_argument("--job-options", default="", metavar="OPTIONS",
+                   help="more of the job's options for every variant, as one string (e.g. \"--adapter-lr 1e-3\"): "
+                        "a diagnostic study beside the main one (use another --out)")
     p.add_argument("--write-readme", metavar="README", default=None,
                    help="write the finished study.json of --out as the headline table of README (between its "
                         "study-table markers); runs nothing")
@@ -130,7 +134,8 @@ def job_args(study: argparse.Namespace, variant: Optional[Variant] = None) -> ar
         argv += ["--threads", str(study.threads)]
     if study.cache_dir:
         argv += ["--cache-dir", study.cache_dir]
-    return finetune.parse_args(argv + list(variant.argv if variant else ()) + ["--methods", "all"])
+    return finetune.parse_args(argv + shlex.split(study.job_options) + list(variant.argv if variant else ())
+                               + ["--methods", "all"])
 
 
 def chosen_variants(text: str, depth: int) -> List[Variant]:
