@@ -175,7 +175,7 @@ def test_headline_table_and_readme(tmp_path):
     rows = {"full": ("full", None, [0.50, 0.52], 1.0), "alast@0.55": ("alast", 0.55, [0.49, 0.50], 0.55)}
     record = _record(rows)
     table = study.headline_table(record).splitlines()
-    assert len(table) == 2 + len(rows) and table[3].startswith("| `alast` | 0.55 | 49.5 ± 0.7 | -1.5 | 0.55× |")
+    assert len(table) == 2 + len(rows) and table[3].startswith("| `alast@0.55` | 49.5 ± 0.7 | -1.5 | 0.55× |")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{study.HEADLINE_START}\nold\n{study.HEADLINE_END}\nrest\n")
     study.write_readme(record, str(readme))

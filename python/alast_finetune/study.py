@@ -328,14 +328,13 @@ def headline_table(record: Dict) -> str:
     compares them). The median step, not the run's total, because a burst of other load on the machine
     lengthens a few steps of whichever run is going (the totals are in the record)."""
     summary, rel = record["summary"], record["relative_to_full"]
-    lines = ["| method | compute level | accuracy % (mean ± std) | gap to full (points) | training FLOPs | "
+    lines = ["| variant | accuracy % (mean ± std) | gap to full (points) | training FLOPs | "
              "peak activation memory | step time | trainable parameters |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for v in record["variants"]:
         s, r = summary[v["label"]], rel[v["label"]]
-        level = "" if v["level"] is None else f"{v['level']:g}"
         lines.append(
-            f"| `{v['label'].split('@')[0]}` | {level} | {100 * s['accuracy']['mean']:.1f} ± "
+            f"| `{v['label']}` | {100 * s['accuracy']['mean']:.1f} ± "
             f"{100 * s['accuracy']['std']:.1f} | {r['accuracy_gap_points']:+.1f} | {r['train_flops_ratio']:.2f}× | "
             f"{r['peak_activation_bytes_ratio']:.2f}× | {r['median_step_seconds_ratio']:.2f}× | "
             f"{int(s['trainable_parameters']['mean']):,} |")
