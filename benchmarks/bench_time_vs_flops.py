@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -154,8 +153,6 @@ def main(argv=None) -> Dict:
     p.add_argument("--profiled", type=int, default=3, help="profiled steps per method")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--small", action="store_true", help="4 blocks at 28 px, batch 2: the machinery only")
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/cpu_time_vs_flops.json; "
-                                               "none with --small)")
     args = p.parse_args(argv)
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in labels if m not in METHODS]
@@ -165,18 +162,12 @@ def main(argv=None) -> Dict:
     sizes = dict(img_size=28, batch=2, depth=4) if args.small else dict(img_size=112, batch=16, depth=12)
     result = measure(labels, steps=args.steps, warmup=args.warmup, profiled=args.profiled, **sizes)
     print(table(result))
-    if args.out or not args.small:
-        from record import write_results, RESULTS_DIR
+    if not args.small:  # toy sizes measure the machinery, not a result to keep
+        from record import write_results
 
-        path = args.out or str(RESULTS_DIR / "cpu_time_vs_flops.json")
         payload = {"sizes": sizes, "steps": args.steps, "warmup": args.warmup, "profiled": args.profiled,
                    "threads": args.threads, "methods": METHODS, "results": result}
-        if args.out:
-            with open(path, "w") as f:
-                json.dump(payload, f, indent=1)
-        else:
-            write_results("cpu_time_vs_flops", payload)
-        print(f"wrote {path}")
+        print(f"wrote {write_results('cpu_time_vs_flops', payload)}")
     return result
 
 

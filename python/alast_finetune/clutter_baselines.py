@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import time
 
@@ -26,6 +25,7 @@ import torch
 from . import dinov2_wheel
 from . import finetune
 from .clutter_digits import clutter_task, target_patch_fraction
+from .report import write_json
 from .starting_weights import DEFAULT_CACHE
 from .study import STUDY_SUBSET_SEED, STUDY_TEST_IMAGES, held_out_indices
 
@@ -93,8 +93,7 @@ def main(argv=None) -> dict:
     print(f"linear probe of the frozen backbone's class token: {100 * record['linear_probe_accuracy']:.1f}% "
           f"({100 * record['linear_probe_accuracy_study_subset']:.1f}% on the study's {len(subset)} images)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(record, args.out)
     print(f"wrote {args.out}")
     return record
 

